@@ -1,0 +1,3 @@
+from mlc.cli.main import cli
+
+cli()

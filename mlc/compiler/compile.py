@@ -1,0 +1,243 @@
+"""`mlc compile`: an MLC model dir -> a device library (.so) with the library contract.
+
+The pipeline is one list of passes in phases (see `build_pipeline`); the library carries a
+`_metadata` function (JSON) that ties it to the weights it was built for.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mlc.compiler.target import DeviceTarget, parse_device
+from mlc.errors import CompileError, MLCError
+from mlc.support.chat_config import ChatConfig
+
+logger = logging.getLogger(__name__)
+
+COMPILER_VERSION = "mlc-0.1.0/tvm-0.27/lib-1"   # bump when generated code changes
+OPT_LEVELS = {
+    "O0": "no schedules beyond what the target needs to run (debugging)",
+    "O1": "fusion + FuseTransposeMatmul + default schedules",
+    "O2": "O1 + tuned GEMV/attention schedules and CUDA graphs on GPUs (default)",
+    "O3": "O2 (reserved for tuning that takes minutes, cached)",
+}
+OVERRIDABLE = ("context_window_size", "prefill_chunk_size", "max_batch_size",
+               "sliding_window_size", "tensor_parallel_shards")
+
+
+@dataclass
+class CompileResult:
+    path: Path
+    device: str
+    seconds: float
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_overrides(text: str | None) -> dict[str, int]:
+    """`"context_window_size=4096;prefill_chunk_size=1024"` -> dict, validating keys."""
+    out: dict[str, int] = {}
+    for item in filter(None, (s.strip() for s in (text or "").split(";"))):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or key not in OVERRIDABLE:
+            raise CompileError(f"Bad override {item!r}: use KEY=INT;... with KEY one of "
+                               f"{', '.join(OVERRIDABLE)}.", param="overrides")
+        try:
+            out[key] = int(value)
+        except ValueError:
+            raise CompileError(f"Override {key} needs an integer, got {value!r}.",
+                               param="overrides") from None
+    return out
+
+
+def model_config_for(chat: ChatConfig, overrides: dict[str, int]):
+    """The architecture config a library is built for: the chat config plus overrides."""
+    from mlc.models.registry import get_model
+
+    data = {**chat.model_config,
+            "context_window_size": chat.context_window_size,
+            "prefill_chunk_size": chat.prefill_chunk_size,
+            "sliding_window_size": chat.sliding_window_size, **overrides}
+    return get_model(chat.model_type).config_from_dict(data)
+
+
+def build_pipeline(dev: DeviceTarget, opt: str):
+    """All passes from the exported IRModule to VM-ready code, in phases."""
+    import tvm
+    from tvm import relax
+
+    from mlc.compiler import schedules
+
+    target = dev.tvm_target()
+    phases = [
+        # phase 1: graph rewrites on Relax
+        [relax.transform.FuseTransposeMatmul()] if opt != "O0" else [],
+        # phase 2: library dispatch (sampling, sort/scan kernels)
+        [relax.backend.DispatchSampling(), relax.backend.DispatchSortScan()],
+        # phase 3: lower Relax ops to TIR and fuse
+        [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+         relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR(),
+         relax.transform.DeadCodeElimination()],
+        # phase 4: device schedules
+        schedules.passes(dev, opt),
+        # phase 5: memory planning and VM lowering
+        [relax.transform.RewriteDataflowReshape(), relax.transform.ToNonDataflow(),
+         relax.transform.RemovePurityChecking(), relax.transform.CallTIRRewrite(),
+         relax.transform.StaticPlanBlockMemory()]
+        + ([relax.transform.RewriteCUDAGraph()] if dev.kind == "cuda" else [])
+        + [relax.transform.LowerAllocTensor(), relax.transform.KillAfterLastUse(),
+           relax.transform.LowerRuntimeBuiltin(), relax.transform.ComputePrimValue(),
+           relax.transform.VMShapeLower(), relax.transform.AttachGlobalSymbol()],
+    ]
+    dump = os.environ.get("MLC_DUMP_IR")
+
+    @tvm.transform.module_pass(opt_level=0, name="mlc_pipeline")
+    def _pipeline(mod, _ctx):
+        with target:
+            for i, phase in enumerate(phases):
+                mod = tvm.transform.Sequential(phase)(mod)
+                if dump:
+                    Path(dump).mkdir(parents=True, exist_ok=True)
+                    Path(dump, f"phase{i + 1}.py").write_text(mod.script())
+        return mod
+
+    return _pipeline
+
+
+def _activation_bytes(config, dtype_bytes: int) -> int:
+    """A planning estimate of the largest live activations of a prefill chunk (bytes)."""
+    chunk = config.prefill_chunk_size
+    per_token = (config.num_attention_heads + 2 * config.num_key_value_heads) * config.head_dim \
+        + 3 * config.intermediate_size + 4 * config.hidden_size
+    logits = config.max_batch_size * config.vocab_size * 4 * 2
+    return chunk * per_token * max(dtype_bytes, 4) + logits
+
+
+def library_metadata(chat: ChatConfig, config, quantization, named_params, dev: DeviceTarget,
+                     opt: str) -> dict[str, Any]:
+    """What `_metadata` returns: enough to refuse a library that does not fit its weights."""
+    from mlc.models.common import PAGE_SIZE
+
+    dtype_bytes = 2 if quantization.model_dtype == "float16" else 4
+    return {
+        "model_type": chat.model_type, "quantization": quantization.name,
+        "context_window_size": config.context_window_size,
+        "prefill_chunk_size": config.prefill_chunk_size,
+        "sliding_window_size": config.sliding_window_size,
+        "max_batch_size": config.max_batch_size,
+        "tensor_parallel_shards": config.tensor_parallel_shards,
+        "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
+        "model_dtype": quantization.model_dtype,
+        "kv_cache": {"num_hidden_layers": config.num_hidden_layers,
+                     "num_key_value_heads": config.num_key_value_heads,
+                     "head_dim": config.head_dim, "page_size": PAGE_SIZE,
+                     "dtype": quantization.model_dtype},
+        "params": [{"name": n, "shape": [int(s) for s in p.shape], "dtype": p.dtype}
+                   for n, p in named_params],
+        "activation_bytes": _activation_bytes(config, dtype_bytes),
+        "device": dev.device, "opt": opt, "compiler_version": COMPILER_VERSION,
+    }
+
+
+def _attach_metadata(mod, metadata: dict[str, Any]):
+    from tvm import relax as rx
+
+    import tvm
+
+    func = rx.Function([], tvm.ir.StringImm(json.dumps(metadata)), is_pure=True)
+    mod["_metadata"] = func.with_attr("global_symbol", "_metadata")
+    return mod
+
+
+def _attach_shape_bounds(mod, config):
+    """Upper bounds of symbolic sizes, so memory is planned statically (no per-call allocs)."""
+    bounds = {"seq_len": config.prefill_chunk_size, "batch_size": config.max_batch_size}
+    for gv, func in list(mod.functions.items()):
+        if hasattr(func, "params") and "relax" in type(func).__module__:
+            mod[gv] = func.with_attr("tir_var_upper_bound", bounds)
+    return mod
+
+
+def compile_model(model_dir: str | Path, device: str, output: str | Path,
+                  quantization: str | None = None, opt: str = "O2",
+                  overrides: dict[str, int] | str | None = None, quiet: bool = False,
+                  ) -> CompileResult:
+    """Build the device library for an MLC model dir; write it atomically to `output`."""
+    from mlc.compiler.quantization import get_quantization
+    from mlc.models.registry import get_model
+
+    start = time.perf_counter()
+    if opt not in OPT_LEVELS:
+        raise CompileError(f"Unknown --opt {opt!r}; use one of {', '.join(OPT_LEVELS)}.",
+                           param="opt")
+    if isinstance(overrides, str) or overrides is None:
+        overrides = parse_overrides(overrides)
+    chat = ChatConfig.load(model_dir)
+    if quantization and quantization != chat.quantization:
+        raise CompileError(
+            f"{model_dir} holds {chat.quantization} weights but --quantization {quantization} "
+            f"was asked: drop --quantization, or convert again with "
+            f"`mlc convert ... --quantization {quantization}`.", param="quantization")
+    q = get_quantization(chat.quantization)
+    dev = parse_device(device)
+    config = model_config_for(chat, overrides)
+    info = get_model(chat.model_type)
+    _say(quiet, f"compiling {chat.model_type} {q.name} for {dev.device} ({opt}) ...")
+    try:
+        lib = build_library(info, config, chat, q, dev, opt)
+    except MLCError:
+        raise
+    except Exception as e:  # TVM errors are long C++ traces: summarize and point at the fix
+        raise CompileError(
+            f"TVM failed to build {chat.model_type}/{q.name} for {dev.device}: "
+            f"{str(e).strip().splitlines()[-1][:500]}. Re-run with MLC_DUMP_IR=DIR to see the IR "
+            f"after each phase, or try --opt O0.") from e
+    ex, metadata = lib
+    path = _export_atomically(ex, Path(output), dev)
+    seconds = time.perf_counter() - start
+    _say(quiet, f"wrote {path} in {seconds:.1f} s")
+    return CompileResult(path, dev.device, seconds, metadata)
+
+
+def build_library(info, config, chat, quantization, dev: DeviceTarget, opt: str):
+    """Export the nn.Module, run the pipeline, build. Returns (executable, metadata)."""
+    from tvm import relax
+
+    target = dev.tvm_target()
+    model = info.build(config, quantization)
+    with target:
+        mod, named_params = model.export_tvm(spec=model.get_default_spec(target.kind.name))
+    metadata = library_metadata(chat, config, quantization, named_params, dev, opt)
+    mod = _attach_shape_bounds(mod, config)
+    mod = _attach_metadata(mod, metadata)
+    ex = relax.build(mod, target, relax_pipeline=build_pipeline(dev, opt))
+    return ex, metadata
+
+
+def _export_atomically(ex, output: Path, dev: DeviceTarget) -> Path:
+    output = output.resolve()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp.so", dir=output.parent)
+    os.close(fd)
+    try:
+        from mlc.compiler import cuda_support
+
+        with cuda_support.precompiled_cuda(dev):
+            ex.export_library(tmp)
+        os.replace(tmp, output)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return output
+
+
+def _say(quiet: bool, message: str) -> None:
+    if not quiet:
+        print(message, flush=True)

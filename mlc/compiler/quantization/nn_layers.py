@@ -1,0 +1,132 @@
+"""Relax nn layers for quantized weights, and the module swap that installs them.
+
+The model files declare plain `nn.Linear` / `nn.Embedding`; `quantize_module` replaces them
+with the layers below, whose parameters carry MLC-LLM's names (`q_weight`, `q_scale`).
+Dequantization and the matmul are ONE tensor-expression compute, so a single kernel reads each
+4-bit weight once (stock TVM does not fuse a separate dequantize op into a matmul).
+"""
+
+from __future__ import annotations
+
+from tvm import te, tirx
+from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn import Tensor, op
+
+GROUP_SIZE = 32
+ELEMS_PER_WORD = 8  # eight 4-bit values in one uint32, first in the lowest nibble
+
+
+def _dequant(q_weight, q_scale, row, col, dtype):
+    """The float value of element (row, col) of a q4 group-quantized [out, in] weight."""
+    word = q_weight[row, col // ELEMS_PER_WORD]
+    shift = ((col % ELEMS_PER_WORD) * 4).astype("uint32")
+    nibble = tirx.bitwise_and(tirx.shift_right(word, shift), tirx.const(15, "uint32"))
+    return (nibble.astype(dtype) - tirx.const(7, dtype)) * q_scale[row, col // GROUP_SIZE]
+
+
+def _q4_matmul_nt(x: te.Tensor, q_weight: te.Tensor, q_scale: te.Tensor, in_features: int,
+                  out_dtype: str) -> te.Tensor:
+    """y[..., n] = sum_k x[..., k] * W[n, k], W dequantized on the fly, accumulated in float32."""
+    out_features = q_weight.shape[0]
+    k = te.reduce_axis((0, in_features), name="k")
+    lead = list(x.shape[:-1])
+
+    def body(*idx):
+        *batch, n = idx
+        w = _dequant(q_weight, q_scale, n, k, q_scale.dtype)
+        return te.sum(x[(*batch, k)].astype("float32") * w.astype("float32"), axis=k)
+
+    acc = te.compute((*lead, out_features), body, name="q4_matmul")
+    if out_dtype == "float32":
+        return acc
+    return te.compute(acc.shape, lambda *i: acc(*i).astype(out_dtype), name="q4_matmul_cast")
+
+
+class GroupQuantLinear(nn.Module):
+    """`y = x W^T` with W stored as q4 groups of 32 along the input dimension."""
+
+    def __init__(self, in_features: int, out_features: int, dtype: str):
+        super().__init__()
+        self.in_features, self.out_features, self.dtype = in_features, out_features, dtype
+        words = (in_features + ELEMS_PER_WORD - 1) // ELEMS_PER_WORD
+        groups = (in_features + GROUP_SIZE - 1) // GROUP_SIZE
+        self.q_weight = nn.Parameter((out_features, words), "uint32")
+        self.q_scale = nn.Parameter((out_features, groups), dtype)
+
+    def forward(self, x: Tensor, out_dtype: str | None = None) -> Tensor:
+        return q4_linear(x, self.q_weight, self.q_scale, self.in_features,
+                         out_dtype or x.dtype)
+
+
+def q4_linear(x: Tensor, q_weight: Tensor, q_scale: Tensor, in_features: int,
+              out_dtype: str) -> Tensor:
+    """The fused dequantize-matmul as one Relax op (also used for tied lm_heads)."""
+    return op.tensor_expr_op(
+        lambda a, w, s: _q4_matmul_nt(a, w, s, in_features, out_dtype),
+        "q4_matmul", [x, q_weight, q_scale])
+
+
+class GroupQuantEmbedding(nn.Module):
+    """An embedding table stored as q4 groups; rows are dequantized as they are gathered."""
+
+    def __init__(self, num: int, dim: int, dtype: str):
+        super().__init__()
+        self.num, self.dim, self.dtype = num, dim, dtype
+        self.q_weight = nn.Parameter((num, (dim + ELEMS_PER_WORD - 1) // ELEMS_PER_WORD),
+                                     "uint32")
+        self.q_scale = nn.Parameter((num, (dim + GROUP_SIZE - 1) // GROUP_SIZE), dtype)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        def gather(qw, qs, idx):
+            return te.compute((*idx.shape, self.dim),
+                              lambda *i: _dequant(qw, qs, idx[i[:-1]], i[-1], self.dtype),
+                              name="q4_embedding")
+        return op.tensor_expr_op(gather, "q4_embedding", [self.q_weight, self.q_scale, ids])
+
+    def lm_head(self, x: Tensor, out_dtype: str = "float32") -> Tensor:
+        """Tied output projection: logits = x E^T."""
+        return q4_linear(x, self.q_weight, self.q_scale, self.dim, out_dtype)
+
+
+class Linear(nn.Module):
+    """Unquantized `y = x W^T`, accumulating in float32 (float16 sums drift, see TVM-NOTES)."""
+
+    def __init__(self, in_features: int, out_features: int, dtype: str):
+        super().__init__()
+        self.in_features, self.out_features, self.dtype = in_features, out_features, dtype
+        self.weight = nn.Parameter((out_features, in_features), dtype)
+
+    def forward(self, x: Tensor, out_dtype: str | None = None) -> Tensor:
+        out_dtype = out_dtype or x.dtype
+        y = op.matmul(x, op.permute_dims(self.weight), out_dtype="float32")
+        return y if out_dtype == "float32" else y.astype(out_dtype)
+
+
+class Embedding(nn.Module):
+    """Unquantized embedding table with a tied-output helper."""
+
+    def __init__(self, num: int, dim: int, dtype: str):
+        super().__init__()
+        self.num, self.dim, self.dtype = num, dim, dtype
+        self.weight = nn.Parameter((num, dim), dtype)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return op.take(self.weight, ids, axis=0)
+
+    def lm_head(self, x: Tensor, out_dtype: str = "float32") -> Tensor:
+        y = op.matmul(x, op.permute_dims(self.weight), out_dtype="float32")
+        return y if out_dtype == "float32" else y.astype(out_dtype)
+
+
+def make_linear(in_features: int, out_features: int, quantization) -> nn.Module:
+    """The linear layer a quantization scheme asks for."""
+    if quantization.kind == "group-quant":
+        return GroupQuantLinear(in_features, out_features, quantization.model_dtype)
+    return Linear(in_features, out_features, quantization.model_dtype)
+
+
+def make_embedding(num: int, dim: int, quantization) -> nn.Module:
+    """The embedding layer a quantization scheme asks for."""
+    if quantization.kind == "group-quant":
+        return GroupQuantEmbedding(num, dim, quantization.model_dtype)
+    return Embedding(num, dim, quantization.model_dtype)

@@ -1,0 +1,183 @@
+"""What every causal LM exports: the library contract shared by all architectures.
+
+A model file subclasses `CausalLMBase` and supplies `embed`, `body` (embeddings -> final hidden
+states through the paged KV cache), `logits` and `create_paged_kv_cache`. This base derives
+prefill/decode/batch_* from them, adds the device-side sampling helpers, and builds the export
+spec, so no architecture copies these.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from tvm import relax as rx
+from tvm import te
+from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn import Tensor, op
+from tvm.relax.frontend.nn.llm import kv_cache as kv_mod
+from tvm.relax.frontend.nn.llm.kv_cache import RopeMode, TIRPagedKVCache
+
+PAGE_SIZE = 16  # the only page size TVM 0.27's paged KV cache runs with
+
+
+class CausalLMBase(nn.Module):
+    """The library contract: embed, prefill, decode, batch_prefill/decode/verify, sampling."""
+
+    def __init__(self, config, quantization):
+        super().__init__()
+        self.config = config
+        self.quantization = quantization
+        self.dtype = quantization.model_dtype
+
+    # -- supplied by the architecture ------------------------------------------------------
+    def embed(self, input_ids: Tensor) -> Tensor:           # [n] -> [n, hidden]
+        raise NotImplementedError
+
+    def body(self, input_embeds: Tensor, kv_cache) -> Tensor:  # [b, s, h] -> [b, s, h]
+        raise NotImplementedError
+
+    def logits(self, hidden: Tensor) -> Tensor:             # [..., h] -> [..., vocab] float32
+        raise NotImplementedError
+
+    # -- derived ---------------------------------------------------------------------------
+    def prefill(self, input_embeds: Tensor, paged_kv_cache):
+        """One sequence's prompt chunk [1, s, h] -> logits of its last position [1, 1, v]."""
+        hidden = self.body(input_embeds, paged_kv_cache)
+
+        def last(h):
+            b, s, d = h.shape
+            return te.compute((b, 1, d), lambda i, _, k: h[i, s - 1, k], name="last_token")
+
+        hidden = op.tensor_expr_op(last, "take_last_token", [hidden])
+        return self.logits(hidden), paged_kv_cache
+
+    def decode(self, input_embeds: Tensor, paged_kv_cache):
+        """One token of one sequence [1, 1, h] -> logits [1, 1, v]."""
+        return self.logits(self.body(input_embeds, paged_kv_cache)), paged_kv_cache
+
+    def batch_prefill(self, input_embeds: Tensor, logit_positions: Tensor, paged_kv_cache):
+        """Ragged prompt chunks of several sequences concatenated [1, s, h]; logits at
+        `logit_positions` (the last token of each sequence) -> [1, b, v]."""
+        hidden = self.body(input_embeds, paged_kv_cache)
+        hidden = op.take(hidden, logit_positions, axis=1)
+        return self.logits(hidden), paged_kv_cache
+
+    def batch_decode(self, input_embeds: Tensor, paged_kv_cache):
+        """One token for each of b sequences [b, 1, h] -> logits [b, 1, v]."""
+        return self.logits(self.body(input_embeds, paged_kv_cache)), paged_kv_cache
+
+    def batch_verify(self, input_embeds: Tensor, paged_kv_cache):
+        """Draft-token trees of several sequences [1, s, h] -> logits at every position."""
+        return self.logits(self.body(input_embeds, paged_kv_cache)), paged_kv_cache
+
+    # -- sampling helpers (no parameters) --------------------------------------------------
+    def softmax_with_temperature(self, logits: Tensor, temperature: Tensor):
+        """logits [b, 1, v] float32, temperature [b] (> 0) -> probabilities [b, 1, v]."""
+        b, _, v = logits.shape
+        t = op.reshape(temperature, (b, 1, 1))
+        return op.softmax(op.divide(logits, t), axis=-1)
+
+    def apply_logit_bias(self, logits: Tensor, bias: Tensor):
+        """logits [b, v] + bias [b, v] (penalties and logit_bias folded in by the engine)."""
+        return op.add(logits, bias)
+
+    def renormalize_by_top_p_top_k(self, probs: Tensor, top_p: Tensor, top_k: Tensor):
+        """Zero what falls outside top-p/top-k and renormalize: probs [b, v] -> [b, v]."""
+        sorted_probs = op.sort(probs, axis=-1, descending=True)
+        return op.renormalize_top_p_top_k_prob(probs, sorted_probs,
+                                               op.reshape(top_p, (probs.shape[0], 1)),
+                                               op.reshape(top_k, (probs.shape[0], 1)))
+
+    def sample_with_top_p_top_k(self, probs: Tensor, top_p: Tensor, top_k: Tensor,
+                                uniform: Tensor):
+        """Draw one token per row: probs [b, v], top_p [b] f32, top_k [b] i32, uniform [b]."""
+        b = probs.shape[0]
+        sorted_probs, sorted_index = op.sort(probs, -1, True), op.argsort(probs, -1, True)
+        col = lambda x: op.reshape(x, (b, 1))
+        rows = col(op.arange(0, b, dtype="int64"))  # a symbolic batch needs explicit indices
+        return op.reshape(op.sample_top_p_top_k_from_sorted_prob(
+            sorted_probs, sorted_index, col(top_p), col(top_k), col(uniform), rows), (b,))
+
+    def argmax(self, logits: Tensor):
+        """Greedy tokens: logits [b, v] -> [b] int32."""
+        return op.reshape(op.topk(logits, 1, -1, "indices"), (logits.shape[0],))
+
+    # -- export ----------------------------------------------------------------------------
+    def get_default_spec(self, target_kind: str):
+        """The export spec of every function of the library contract."""
+        h, v = self.config.hidden_size, self.config.vocab_size
+        packed = {"$": {"param_mode": "packed", "effect_mode": "none"}}
+        plain = {"$": {"param_mode": "none", "effect_mode": "none"}}
+        kv = nn.spec.Object(object_type=kv_mod.PagedKVCache)
+        f32, i32 = "float32", "int32"
+        spec = {
+            "embed": {"input_ids": nn.spec.Tensor(["seq_len"], i32), **packed},
+            "prefill": {"input_embeds": nn.spec.Tensor([1, "seq_len", h], self.dtype),
+                        "paged_kv_cache": kv, **packed},
+            "decode": {"input_embeds": nn.spec.Tensor([1, 1, h], self.dtype),
+                       "paged_kv_cache": kv, **packed},
+            "batch_prefill": {"input_embeds": nn.spec.Tensor([1, "seq_len", h], self.dtype),
+                              "logit_positions": nn.spec.Tensor(["batch_size"], i32),
+                              "paged_kv_cache": kv, **packed},
+            "batch_decode": {"input_embeds": nn.spec.Tensor(["batch_size", 1, h], self.dtype),
+                             "paged_kv_cache": kv, **packed},
+            "batch_verify": {"input_embeds": nn.spec.Tensor([1, "seq_len", h], self.dtype),
+                             "paged_kv_cache": kv, **packed},
+            "create_paged_kv_cache": {
+                "max_batch_size": int, "max_total_seq_len": int, "prefill_chunk_size": int,
+                "page_size": int, "support_sliding_window": int, **plain},
+            "softmax_with_temperature": {
+                "logits": nn.spec.Tensor(["batch_size", 1, v], f32),
+                "temperature": nn.spec.Tensor(["batch_size"], f32), **plain},
+            "apply_logit_bias": {"logits": nn.spec.Tensor(["batch_size", v], f32),
+                                 "bias": nn.spec.Tensor(["batch_size", v], f32), **plain},
+            "sample_with_top_p_top_k": {
+                "probs": nn.spec.Tensor(["batch_size", v], f32),
+                "top_p": nn.spec.Tensor(["batch_size"], f32),
+                "top_k": nn.spec.Tensor(["batch_size"], i32),
+                "uniform": nn.spec.Tensor(["batch_size"], f32), **plain},
+            "argmax": {"logits": nn.spec.Tensor(["batch_size", v], f32), **plain},
+        }
+        if target_kind != "llvm":
+            # TVM 0.27's renormalize kernel builds for GPUs only (invalid IR on llvm).
+            spec["renormalize_by_top_p_top_k"] = {
+                "probs": nn.spec.Tensor(["batch_size", v], f32),
+                "top_p": nn.spec.Tensor(["batch_size"], f32),
+                "top_k": nn.spec.Tensor(["batch_size"], i32), **plain}
+        return spec
+
+
+@contextlib.contextmanager
+def _cpu_tree_attention_fix():
+    """TVM 0.27's llvm branch passes the two tree-attention kernels in swapped order (any CPU
+    tree verification then fails with "Expected 16 arguments"); swap the factories back while
+    the cache is built. The GPU branch is correct and unaffected."""
+    a, b = kv_mod.tree_attn_cpu, kv_mod.tree_attn_with_paged_kv_cache_cpu
+    kv_mod.tree_attn_cpu, kv_mod.tree_attn_with_paged_kv_cache_cpu = b, a
+    try:
+        yield
+    finally:
+        kv_mod.tree_attn_cpu, kv_mod.tree_attn_with_paged_kv_cache_cpu = a, b
+
+
+def create_kv_cache(model: CausalLMBase, max_batch_size, max_total_seq_len, prefill_chunk_size,
+                    page_size, support_sliding_window, *, num_layers, num_q_heads, num_kv_heads,
+                    head_dim, rope_theta, rope_scaling, sliding_window):
+    """A TIR paged KV cache for a standard RoPE multi-head/grouped-query attention model."""
+    from tvm.target import Target
+
+    target = Target.current()
+    kind = "mha_sliding" if sliding_window and sliding_window > 0 else "mha"
+    fix = _cpu_tree_attention_fix() if target.kind.name == "llvm" else contextlib.nullcontext()
+    with fix:
+        return TIRPagedKVCache(
+            attn_kind=[kind] * num_layers, max_batch_size=max_batch_size,
+            max_total_seq_len=max_total_seq_len, prefill_chunk_size=prefill_chunk_size,
+            page_size=page_size, support_sliding_window=support_sliding_window,
+            layer_partition=rx.ShapeExpr([0, num_layers]), num_hidden_layers=num_layers,
+            num_attention_heads=num_q_heads, num_key_value_heads=num_kv_heads,
+            qk_head_dim=head_dim, v_head_dim=head_dim, mla_original_qk_head_dim=0,
+            mla_original_v_head_dim=0, rope_mode=RopeMode.NORMAL, rope_scale=1,
+            rope_theta=rope_theta, rope_scaling=rope_scaling, rope_ext_factors=rx.prim_value(0),
+            rotary_dim=head_dim, enable_disaggregation=False, dtype=model.dtype, target=target,
+            layer_sliding_window_size=sliding_window if sliding_window > 0 else 1024)

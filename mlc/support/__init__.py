@@ -1,0 +1,1 @@
+"""Formats and helpers shared by every layer (no TVM compiler imports here)."""
