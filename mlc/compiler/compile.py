@@ -21,7 +21,7 @@ from mlc.support.chat_config import ChatConfig
 
 logger = logging.getLogger(__name__)
 
-COMPILER_VERSION = "mlc-0.1.0/tvm-0.27/lib-1"   # bump when generated code changes
+from mlc.support.versions import LIBRARY_VERSION as COMPILER_VERSION  # noqa: E402
 OPT_LEVELS = {
     "O0": "no schedules beyond what the target needs to run (debugging)",
     "O1": "fusion + FuseTransposeMatmul + default schedules",

@@ -1,0 +1,92 @@
+"""Devices at run time, with TVM's full build or its runtime-only build.
+
+In runtime-only mode TVM does not load its CUDA device API by itself, and the stock callback
+that compiles a library's CUDA source at load time asks the (absent) compiler for a target.
+`ensure_device` fixes both before the first CUDA call.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+from pathlib import Path
+
+from mlc.errors import ModelLoadError
+
+
+def _tvm_lib_dir() -> Path:
+    import tvm
+
+    return Path(tvm.__file__).parent / "lib"
+
+
+@functools.lru_cache(maxsize=None)
+def _load_cuda_runtime() -> bool:
+    """Load TVM's CUDA runtime pieces (a no-op where they are already registered)."""
+    import tvm
+
+    if tvm.get_global_func("device_api.cuda", allow_missing=True) is not None:
+        return True
+    try:
+        ctypes.CDLL("libcuda.so.1", mode=ctypes.RTLD_GLOBAL)
+    except OSError:
+        return False                      # no NVIDIA driver on this machine
+    for name in ("libtvm_runtime_cuda.so", "libtvm_runtime_extra.so"):
+        path = _tvm_lib_dir() / name
+        if path.exists():
+            ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
+    return tvm.get_global_func("device_api.cuda", allow_missing=True) is not None
+
+
+def cuda_available() -> bool:
+    """Whether a CUDA GPU can be used from TVM here."""
+    if not _load_cuda_runtime():
+        return False
+    import tvm
+
+    try:
+        return bool(tvm.cuda(0).exist)
+    except Exception:  # noqa: BLE001 - any driver failure means no usable GPU
+        return False
+
+
+@functools.lru_cache(maxsize=None)
+def _register_cuda_compile_callback() -> None:
+    """Compile CUDA source shipped in a library with NVRTC for this GPU's arch."""
+    import tvm
+
+    try:
+        from tvm.support import nvcc
+    except ImportError:   # pragma: no cover - very old TVM
+        return
+    major, minor = tvm.cuda(0).compute_version.split(".")
+    arch = f"sm_{major}{minor}" + ("a" if major == "9" else "")
+
+    def compile_cuda(code, *_args):
+        compiler = os.environ.get("MLC_CUDA_COMPILER", "nvrtc")
+        return nvcc.compile_cuda(code, target_format="cubin", arch=arch, compiler=compiler)
+
+    tvm.register_global_func("tvm_callback_cuda_compile", compile_cuda, override=True)
+
+
+def parse_runtime_device(device: str):
+    """`auto`/`cpu`/`cuda`/`cuda:N` -> (kind, tvm.runtime.Device)."""
+    import tvm
+
+    device = (device or "auto").lower()
+    base, _, index = device.partition(":")
+    if base == "auto":
+        return parse_runtime_device("cuda" if cuda_available() else "cpu")
+    if base in ("cpu", "llvm"):
+        return "cpu", tvm.cpu(0)
+    if base == "cuda":
+        if not cuda_available():
+            raise ModelLoadError(
+                "device='cuda' was asked but no CUDA GPU (or NVIDIA driver) is visible here. "
+                "Use device='cpu' with a library compiled by `mlc compile --device cpu`.",
+                param="device")
+        _register_cuda_compile_callback()
+        return "cuda", tvm.cuda(int(index) if index.isdigit() else 0)
+    raise ModelLoadError(f"Unknown device {device!r}: use auto, cpu, cuda or cuda:N.",
+                         param="device")

@@ -1,0 +1,202 @@
+"""A loaded model: library + weights + paged KV cache, with batched forward calls.
+
+This is the only place that calls into the compiled library. It imports nothing from the
+compiler, so it runs on TVM's runtime-only build.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mlc.errors import ModelLoadError
+from mlc.runtime.device import parse_runtime_device
+from mlc.support.chat_config import ChatConfig
+from mlc.support.tensor_cache import TensorCache
+
+logger = logging.getLogger(__name__)
+
+REQUIRED_FUNCTIONS = ("embed", "prefill", "decode", "batch_prefill", "batch_decode",
+                      "batch_verify", "create_paged_kv_cache", "_metadata")
+
+
+@dataclass
+class KVCacheConfig:
+    max_batch_size: int
+    max_total_sequence_length: int
+    prefill_chunk_size: int
+    page_size: int = 16
+    sliding_window: bool = False
+
+
+def read_library_metadata(lib_path: str | Path, device: str = "cpu") -> dict:
+    """The `_metadata` JSON of a library, without loading any weights."""
+    import tvm
+    from tvm.runtime import vm as rvm
+
+    _, dev = parse_runtime_device(device)
+    lib = _load_module(lib_path)
+    return json.loads(str(rvm.VirtualMachine(lib, dev)["_metadata"]()))
+
+
+def _load_module(lib_path: str | Path):
+    import tvm
+
+    lib_path = Path(lib_path)
+    if not lib_path.is_file():
+        raise ModelLoadError(f"Model library {lib_path} not found. Build it with "
+                             f"`mlc compile MODEL_DIR --device DEVICE -o {lib_path}`.")
+    try:
+        return tvm.runtime.load_module(str(lib_path))
+    except Exception as e:
+        raise ModelLoadError(
+            f"Cannot load model library {lib_path}: {str(e).strip().splitlines()[-1][:300]}. "
+            "A CUDA library needs an NVIDIA GPU and driver; a library built for another "
+            "machine or TVM version must be rebuilt with `mlc compile`.") from e
+
+
+def check_library_matches(metadata: dict, chat: ChatConfig, cache: TensorCache) -> None:
+    """Refuse a library built for other weights, naming what differs and the fix."""
+    problems = []
+    if metadata.get("model_type") != chat.model_type:
+        problems.append(f"model_type {metadata.get('model_type')} != {chat.model_type}")
+    if metadata.get("quantization") != chat.quantization:
+        problems.append(f"quantization {metadata.get('quantization')} != {chat.quantization}")
+    for p in metadata.get("params", []):
+        rec = cache.records.get(p["name"])
+        if rec is None:
+            problems.append(f"weights lack {p['name']}")
+        elif list(rec.shape) != list(p["shape"]):
+            problems.append(f"{p['name']} shape {list(rec.shape)} != {p['shape']}")
+        if len(problems) > 5:
+            break
+    if problems:
+        raise ModelLoadError(
+            "The model library does not match the weights: " + "; ".join(problems) +
+            ". Rebuild it with `mlc compile MODEL_DIR --device ...`, or pass the matching "
+            "model_lib.", param="model_lib")
+
+
+class LoadedModel:
+    """Weights on a device plus the library's functions and one paged KV cache."""
+
+    def __init__(self, model_dir: str | Path, lib_path: str | Path, device: str = "auto"):
+        import tvm
+        from tvm.runtime import vm as rvm
+
+        self.model_dir = Path(model_dir)
+        self.chat_config = ChatConfig.load(self.model_dir)
+        self.device_kind, self.device = parse_runtime_device(device)
+        self.lib_path = Path(lib_path)
+        self.vm = rvm.VirtualMachine(_load_module(lib_path), self.device)
+        missing = [f for f in REQUIRED_FUNCTIONS if not self._has(f)]
+        if missing:
+            raise ModelLoadError(f"{lib_path} lacks the functions {missing}: it is not an mlc "
+                                 "model library. Rebuild it with `mlc compile`.")
+        self.metadata = json.loads(str(self.vm["_metadata"]()))
+        cache = TensorCache(self.model_dir)
+        check_library_matches(self.metadata, self.chat_config, cache)
+        self.params = [tvm.runtime.tensor(cache.get(p["name"]), self.device)
+                       for p in self.metadata["params"]]
+        self.hidden_size = self.metadata["hidden_size"]
+        self.vocab_size = self.metadata["vocab_size"]
+        self._fn = {name: self.vm[name] for name in REQUIRED_FUNCTIONS}
+        self._reshape = tvm.get_global_func("vm.builtin.reshape")
+        g = lambda n: tvm.get_global_func(n)
+        self._add_seq = g("vm.builtin.kv_state_add_sequence")
+        self._remove_seq = g("vm.builtin.kv_state_remove_sequence")
+        self._fork_seq = g("vm.builtin.kv_state_fork_sequence")
+        self._popn = g("vm.builtin.kv_state_popn")
+        self._begin = g("vm.builtin.kv_state_begin_forward")
+        self._end = g("vm.builtin.kv_state_end_forward")
+        self._free_pages = g("vm.builtin.attention_kv_cache_get_num_available_pages")
+        self._total_len = g("vm.builtin.attention_kv_cache_get_total_sequence_length")
+        self.kv_cache = None
+        self.kv_config: KVCacheConfig | None = None
+
+    def _has(self, name: str) -> bool:
+        try:
+            self.vm[name]
+            return True
+        except Exception:  # noqa: BLE001 - the VM raises a generic error for a missing name
+            return False
+
+    # -- KV cache --------------------------------------------------------------------------
+    def create_kv_cache(self, cfg: KVCacheConfig) -> None:
+        """Allocate the paged KV cache (frees a previous one)."""
+        from tvm.runtime import ShapeTuple
+
+        self.kv_cache = None
+        self.kv_config = cfg
+        self.kv_cache = self._fn["create_paged_kv_cache"](
+            ShapeTuple([cfg.max_batch_size]), ShapeTuple([cfg.max_total_sequence_length]),
+            ShapeTuple([cfg.prefill_chunk_size]), ShapeTuple([cfg.page_size]),
+            ShapeTuple([int(cfg.sliding_window)]))
+
+    def add_sequence(self, seq_id: int) -> None:
+        self._add_seq(self.kv_cache, seq_id)
+
+    def remove_sequence(self, seq_id: int) -> None:
+        self._remove_seq(self.kv_cache, seq_id)
+
+    def fork_sequence(self, parent: int, child: int, fork_pos: int = -1) -> None:
+        self._fork_seq(self.kv_cache, parent, child, fork_pos)
+
+    def popn(self, seq_id: int, n: int) -> None:
+        self._popn(self.kv_cache, seq_id, n)
+
+    def free_pages(self) -> int:
+        return int(self._free_pages(self.kv_cache))
+
+    # -- forward ---------------------------------------------------------------------------
+    def _embed(self, token_ids: np.ndarray, shape: tuple[int, ...]):
+        import tvm
+        from tvm.runtime import ShapeTuple
+
+        ids = tvm.runtime.tensor(np.ascontiguousarray(token_ids, dtype="int32"), self.device)
+        return self._reshape(self._fn["embed"](ids, self.params), ShapeTuple(shape))
+
+    def _forward(self, fn: str, seq_ids: list[int], lengths: list[int], *args):
+        from tvm.runtime import ShapeTuple
+
+        self._begin(self.kv_cache, ShapeTuple(seq_ids), ShapeTuple(lengths))
+        try:
+            out = self._fn[fn](*args, self.kv_cache, self.params)
+        finally:
+            self._end(self.kv_cache)
+        logits = out[0] if not hasattr(out, "numpy") else out
+        return logits
+
+    def prefill(self, seq_ids: list[int], token_lists: list[list[int]]) -> np.ndarray:
+        """Append prompt chunks to sequences; logits after each chunk's last token [b, v]."""
+        import tvm
+
+        lengths = [len(t) for t in token_lists]
+        flat = np.concatenate([np.asarray(t, dtype="int32") for t in token_lists])
+        embeds = self._embed(flat, (1, len(flat), self.hidden_size))
+        if len(seq_ids) == 1:
+            logits = self._forward("prefill", seq_ids, lengths, embeds)
+        else:
+            positions = np.cumsum(lengths, dtype="int32") - 1
+            pos = tvm.runtime.tensor(positions, self.device)
+            logits = self._forward("batch_prefill", seq_ids, lengths, embeds, pos)
+        return logits.numpy().reshape(len(seq_ids), self.vocab_size)
+
+    def decode(self, seq_ids: list[int], tokens: list[int]) -> np.ndarray:
+        """One new token for each sequence; logits [b, v]."""
+        b = len(seq_ids)
+        embeds = self._embed(np.asarray(tokens, dtype="int32"), (b, 1, self.hidden_size))
+        fn = "decode" if b == 1 else "batch_decode"
+        return self._forward(fn, seq_ids, [1] * b, embeds).numpy().reshape(b, self.vocab_size)
+
+    def verify(self, seq_ids: list[int], token_lists: list[list[int]]) -> np.ndarray:
+        """Append draft tokens (chains) and return logits at every new position [n, v]."""
+        lengths = [len(t) for t in token_lists]
+        flat = np.concatenate([np.asarray(t, dtype="int32") for t in token_lists])
+        embeds = self._embed(flat, (1, len(flat), self.hidden_size))
+        logits = self._forward("batch_verify", seq_ids, lengths, embeds)
+        return logits.numpy().reshape(len(flat), self.vocab_size)

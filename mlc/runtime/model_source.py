@@ -1,0 +1,61 @@
+"""Resolving the `model` argument: an MLC dir, a path to mlc-chat-config.json, an `HF://`
+link (MLC-format repos load as they are; plain HF repos are converted once into the cache),
+or the embedded default's name."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from mlc.errors import ModelLoadError
+from mlc.runtime.jit import cache_root
+from mlc.support.chat_config import CHAT_CONFIG_NAME
+
+EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+EMBEDDED_HF = "HF://HuggingFaceTB/SmolLM2-135M-Instruct"
+DEFAULT_QUANTIZATION = os.environ.get("MLC_DEFAULT_QUANTIZATION", "q4f16_1")
+
+
+def _is_mlc_dir(path: Path) -> bool:
+    return (path / CHAT_CONFIG_NAME).is_file()
+
+
+def resolve_model(model: str | os.PathLike, quiet: bool = False) -> Path:
+    """A local MLC model dir for `model`, converting or downloading as needed."""
+    text = str(model)
+    path = Path(text).expanduser()
+    if path.is_file() and path.name == CHAT_CONFIG_NAME:
+        return path.parent
+    if path.is_dir():
+        if _is_mlc_dir(path):
+            return path
+        raise ModelLoadError(
+            f"{path} has no {CHAT_CONFIG_NAME}: it is not an MLC model dir. Convert it first: "
+            f"`mlc convert {path} --quantization q4f16_1 -o {path}-MLC`.", param="model")
+    if text.startswith("HF://") or text == EMBEDDED_NAME:
+        return _from_hub_or_embedded(text, quiet)
+    raise ModelLoadError(
+        f"Model {text!r} not found. Pass an MLC model dir (from `mlc convert`), a path to "
+        f"{CHAT_CONFIG_NAME}, an HF:// link, or {EMBEDDED_NAME!r}.", param="model")
+
+
+def _from_hub_or_embedded(text: str, quiet: bool) -> Path:
+    if text.startswith("HF://") and text != EMBEDDED_HF:
+        repo = text[len("HF://"):]
+        try:
+            from huggingface_hub import snapshot_download
+
+            local = Path(snapshot_download(repo, allow_patterns=[CHAT_CONFIG_NAME]))
+        except Exception as e:  # noqa: BLE001 - offline, missing repo, auth...
+            raise ModelLoadError(f"Cannot reach {text}: {e}. Download or convert it yourself "
+                                 "and pass the local dir.", param="model") from e
+        if _is_mlc_dir(local):   # an MLC-format repo: fetch the weights as they are
+            return Path(snapshot_download(repo))
+    out = cache_root() / "models" / f"{text.replace('HF://', '').replace('/', '--')}-" \
+        f"{DEFAULT_QUANTIZATION}"
+    if _is_mlc_dir(out):
+        return out
+    from mlc.compiler.convert import convert  # converting needs the compiler side
+
+    convert(text, DEFAULT_QUANTIZATION, out, overwrite=False, quiet=quiet)
+    return out

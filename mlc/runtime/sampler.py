@@ -1,0 +1,220 @@
+"""Host-side sampling of one decoding step for a batch (numpy, float32 logits).
+
+Order of processing for each row, as in HF/vLLM:
+  1. repetition penalty (CTRL/HF) over prompt + output tokens,
+  2. presence / frequency penalties (OpenAI) over output tokens,
+  3. logit_bias,
+  -> logprobs are the log-softmax of these processed logits (before temperature/top-k/top-p),
+  4. greedy argmax when temperature == 0 or top_k == 1, else
+     temperature, top-k, softmax, top-p (nucleus, at least one token kept), multinomial draw
+     from the row's own `numpy.random.Generator`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from mlc.runtime.generation_config import GenerationConfig
+
+
+class TokenHistory:
+    """The tokens one sequence has seen, kept incrementally for the penalties."""
+
+    def __init__(self, prompt_ids: Sequence[int] = ()):
+        self.prompt_ids = list(prompt_ids)
+        self.output_ids: list[int] = []
+        self._seen: set[int] = set(self.prompt_ids)
+        self._counts: dict[int, int] = {}
+
+    def append(self, token_id: int) -> None:
+        """Record a generated token."""
+        token_id = int(token_id)
+        self.output_ids.append(token_id)
+        self._seen.add(token_id)
+        self._counts[token_id] = self._counts.get(token_id, 0) + 1
+
+    def seen_ids(self) -> np.ndarray:
+        """Distinct token ids of prompt and output (for the repetition penalty)."""
+        return np.fromiter(self._seen, dtype=np.int64, count=len(self._seen))
+
+    def output_counts(self) -> tuple[np.ndarray, np.ndarray]:
+        """(distinct output token ids, how often each was generated)."""
+        ids = np.fromiter(self._counts.keys(), dtype=np.int64, count=len(self._counts))
+        counts = np.fromiter(self._counts.values(), dtype=np.float32, count=len(self._counts))
+        return ids, counts
+
+
+def make_generator(seed: int | None, index: int = 0) -> np.random.Generator:
+    """The random generator of choice `index` of a request: reproducible when seeded.
+
+    Different choices of one seeded request get different (but reproducible) streams.
+    """
+    if seed is None:
+        return np.random.default_rng()
+    return np.random.default_rng([int(seed) & 0xFFFFFFFFFFFFFFFF, index])
+
+
+@dataclass
+class SampledToken:
+    """The result for one row: the token, and its logprobs when requested."""
+
+    token_id: int
+    logprob: float | None = None
+    """Log probability of `token_id` under the processed distribution (None if not asked)."""
+    top_logprobs: list[tuple[int, float]] = field(default_factory=list)
+    """The `top_logprobs` most likely (token id, logprob), most likely first."""
+
+
+def apply_penalties_and_bias(logits: np.ndarray, configs: Sequence[GenerationConfig],
+                             histories: Sequence[TokenHistory | None]) -> np.ndarray:
+    """Repetition / presence / frequency penalties and logit_bias, in place. Returns logits.
+
+    logits: [batch, vocab] float32.
+    """
+    vocab = logits.shape[1]
+    for row, (cfg, hist) in enumerate(zip(configs, histories)):
+        if hist is not None:
+            rep = cfg.repetition_penalty
+            if rep is not None and rep != 1.0:
+                ids = hist.seen_ids()
+                ids = ids[ids < vocab]
+                vals = logits[row, ids]
+                logits[row, ids] = np.where(vals > 0, vals / rep, vals * rep)
+            pres, freq = cfg.presence_penalty or 0.0, cfg.frequency_penalty or 0.0
+            if (pres != 0.0 or freq != 0.0) and hist.output_ids:
+                ids, counts = hist.output_counts()
+                keep = ids < vocab
+                logits[row, ids[keep]] -= np.float32(freq) * counts[keep] + np.float32(pres)
+        if cfg.logit_bias:
+            ids = np.fromiter(cfg.logit_bias.keys(), dtype=np.int64)
+            bias = np.fromiter(cfg.logit_bias.values(), dtype=np.float32)
+            keep = ids < vocab
+            logits[row, ids[keep]] += bias[keep]
+    return logits
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise log-softmax of [batch, vocab] logits (float32 in, float32 out)."""
+    return (logits - _logsumexp(logits)[:, None]).astype(np.float32)
+
+
+def _top_k_mask(scaled: np.ndarray, k: int) -> None:
+    """Set all but the k largest entries of a 1-D row to -inf, in place."""
+    if 0 < k < scaled.shape[0]:
+        kth = np.partition(scaled, scaled.shape[0] - k)[scaled.shape[0] - k]
+        scaled[scaled < kth] = -np.inf
+
+
+def _nucleus(probs: np.ndarray, top_p: float) -> tuple[np.ndarray, np.ndarray]:
+    """(token ids, probabilities) of the smallest most-likely set with mass >= top_p.
+
+    probs: [vocab], unnormalized. Only tokens with p >= (1 - top_p) * total / vocab can be in
+    the set (all smaller ones together hold less than 1 - top_p of the mass), so only those
+    are sorted.
+    """
+    total = probs.sum()
+    candidates = np.flatnonzero(probs >= (1.0 - top_p) * total / probs.shape[0])
+    ids = candidates[np.argsort(-probs[candidates])]  # most likely first
+    cum = np.cumsum(probs[ids])
+    n_keep = min(int(np.searchsorted(cum, top_p * total, side="left")) + 1, len(ids))
+    return ids[:n_keep], probs[ids[:n_keep]]
+
+
+def _draw(probs: np.ndarray, rng: np.random.Generator) -> int:
+    """Index drawn from unnormalized probabilities; never one with probability zero."""
+    cdf = np.cumsum(probs, dtype=np.float64)
+    u = 1.0 - rng.random()  # in (0, 1]
+    return int(np.searchsorted(cdf, u * cdf[-1], side="left"))
+
+
+class Sampler:
+    """Samples one token per row of a batch of logits with per-row settings."""
+
+    def __init__(self, seed: int | None = None):
+        self._rng = np.random.default_rng(seed)  # for rows that bring no generator
+
+    def sample(self, logits: np.ndarray, configs: Sequence[GenerationConfig],
+               histories: Sequence[TokenHistory | None] | None = None,
+               generators: Sequence[np.random.Generator | None] | None = None,
+               ) -> list[SampledToken]:
+        """Sample the next token of every row.
+
+        logits: [batch, vocab] float32 (not modified). `configs` should have defaults filled
+        (`GenerationConfig.with_defaults`); None fields are treated as neutral. `histories`
+        give the tokens for the penalties; `generators` the per-request random streams
+        (see `make_generator`). Returns one `SampledToken` per row.
+        """
+        batch = logits.shape[0]
+        if len(configs) != batch:
+            raise ValueError(f"{len(configs)} configs for {batch} rows of logits")
+        histories = histories if histories is not None else [None] * batch
+        generators = generators if generators is not None else [None] * batch
+        x = np.array(logits, dtype=np.float32, copy=True)  # [batch, vocab]
+        apply_penalties_and_bias(x, configs, histories)
+
+        token_ids = np.argmax(x, axis=-1)  # [batch]; greedy rows keep this
+        sample_rows = [r for r, c in enumerate(configs) if not c.is_greedy]
+        if sample_rows:
+            rows = np.asarray(sample_rows)
+            temps = np.asarray([configs[r].temperature or 1.0 for r in sample_rows],
+                               dtype=np.float32)
+            scaled = x[rows] / temps[:, None]  # [n_sample, vocab]
+            for i, r in enumerate(sample_rows):
+                _top_k_mask(scaled[i], configs[r].top_k or 0)
+            scaled -= scaled.max(axis=-1, keepdims=True)
+            probs = np.exp(scaled, out=scaled)  # [n_sample, vocab], unnormalized
+            for i, r in enumerate(sample_rows):
+                rng = generators[r] or self._rng
+                top_p = configs[r].top_p
+                if top_p is not None and top_p < 1.0:
+                    ids, kept = _nucleus(probs[i], top_p)
+                    token_ids[r] = ids[_draw(kept, rng)]
+                else:
+                    token_ids[r] = _draw(probs[i], rng)
+
+        results = [SampledToken(int(t)) for t in token_ids]
+        lp_rows = [r for r, c in enumerate(configs) if c.logprobs]
+        if lp_rows:
+            lse = _logsumexp(x[lp_rows])  # [n_lp]: logprob = logit - lse
+            for i, r in enumerate(lp_rows):
+                results[r].logprob = float(x[r, token_ids[r]] - lse[i])
+                results[r].top_logprobs = [
+                    (t, float(v - lse[i])) for t, v in _top_entries(x[r], configs[r].top_logprobs)]
+        return results
+
+
+def _logsumexp(x: np.ndarray) -> np.ndarray:
+    """Row-wise log(sum(exp(x))) of [batch, vocab] float32, accumulated in float64."""
+    m = x.max(axis=-1)
+    return m + np.log(np.exp(x - m[:, None]).sum(axis=-1, dtype=np.float64))
+
+
+_BLOCK = 128
+
+
+def _top_entries(values: np.ndarray, k: int) -> list[tuple[int, float]]:
+    """The k largest (id, value) of a 1-D row, largest first.
+
+    The k largest values all lie in the k blocks (of _BLOCK entries) with the largest
+    maxima, so only those blocks are searched.
+    """
+    vocab = values.shape[0]
+    k = min(k, vocab)
+    if k <= 0:
+        return []
+    candidates = np.arange(vocab)
+    n_blocks = -(-vocab // _BLOCK)
+    if n_blocks > 4 * k:
+        padded = np.full(n_blocks * _BLOCK, -np.inf, dtype=values.dtype)
+        padded[:vocab] = values
+        block_max = padded.reshape(n_blocks, _BLOCK).max(axis=1)
+        blocks = np.argpartition(block_max, n_blocks - k)[n_blocks - k:]
+        candidates = (blocks[:, None] * _BLOCK + np.arange(_BLOCK)).ravel()
+        candidates = candidates[candidates < vocab]
+    n = candidates.shape[0]
+    ids = candidates[np.argpartition(values[candidates], n - k)[n - k:]]
+    ids = ids[np.lexsort((ids, -values[ids]))]
+    return [(int(i), float(values[i])) for i in ids]
