@@ -81,10 +81,26 @@ def check_library_matches(metadata: dict, chat: ChatConfig, cache: TensorCache) 
             "model_lib.", param="model_lib")
 
 
+def random_param(spec: dict, seed: int = 0) -> np.ndarray:
+    """A random tensor for a parameter spec: any 4-bit pattern for packed weights, small
+    scales and unit-ish norms, so activations stay finite through many layers."""
+    rng = np.random.default_rng([seed, abs(hash(spec["name"])) % (1 << 31)])
+    shape, dtype = tuple(spec["shape"]), spec["dtype"]
+    if dtype.startswith("uint"):
+        count = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        return np.frombuffer(rng.bytes(count), dtype=dtype).reshape(shape)
+    if spec["name"].endswith("q_scale"):
+        return rng.uniform(0.002, 0.006, size=shape).astype(dtype)
+    if spec["name"].endswith("norm.weight"):
+        return rng.uniform(0.8, 1.2, size=shape).astype(dtype)
+    return (rng.standard_normal(size=shape, dtype=np.float32) * 0.02).astype(dtype)
+
+
 class LoadedModel:
     """Weights on a device plus the library's functions and one paged KV cache."""
 
-    def __init__(self, model_dir: str | Path, lib_path: str | Path, device: str = "auto"):
+    def __init__(self, model_dir: str | Path, lib_path: str | Path, device: str = "auto",
+                 dummy: bool = False):
         import tvm
         from tvm.runtime import vm as rvm
 
@@ -98,10 +114,14 @@ class LoadedModel:
             raise ModelLoadError(f"{lib_path} lacks the functions {missing}: it is not an mlc "
                                  "model library. Rebuild it with `mlc compile`.")
         self.metadata = json.loads(str(self.vm["_metadata"]()))
-        cache = TensorCache(self.model_dir)
-        check_library_matches(self.metadata, self.chat_config, cache)
-        self.params = [tvm.runtime.tensor(cache.get(p["name"]), self.device)
-                       for p in self.metadata["params"]]
+        if dummy:   # random weights of the right shapes (benchmarks of unreleased sizes)
+            self.params = [tvm.runtime.tensor(random_param(p), self.device)
+                           for p in self.metadata["params"]]
+        else:
+            cache = TensorCache(self.model_dir)
+            check_library_matches(self.metadata, self.chat_config, cache)
+            self.params = [tvm.runtime.tensor(cache.get(p["name"]), self.device)
+                           for p in self.metadata["params"]]
         self.hidden_size = self.metadata["hidden_size"]
         self.vocab_size = self.metadata["vocab_size"]
         self._fn = {name: self.vm[name] for name in REQUIRED_FUNCTIONS}
