@@ -39,6 +39,30 @@ def _load_cuda_runtime() -> bool:
     return tvm.get_global_func("device_api.cuda", allow_missing=True) is not None
 
 
+@functools.lru_cache(maxsize=None)
+def preload_cublas() -> str | None:
+    """Load cuBLAS from the nvidia-cublas wheel (or torch's copy) so mlc's CUDA kernels find it
+    by soname; returns its path, or None (a system libcublas may still be found)."""
+    import glob
+    import importlib.util
+    import site
+
+    roots = []
+    spec = importlib.util.find_spec("nvidia")
+    if spec and spec.submodule_search_locations:
+        roots += list(spec.submodule_search_locations)
+    roots += [os.path.join(p, "nvidia") for p in site.getsitepackages()]
+    for root in roots:
+        for sub in ("cu13/lib", "cublas/lib", "cu12/lib"):
+            found = sorted(glob.glob(os.path.join(root, sub, "libcublas.so.*")))
+            if found:
+                for lt in sorted(glob.glob(os.path.join(root, sub, "libcublasLt.so.*"))):
+                    ctypes.CDLL(lt, mode=ctypes.RTLD_GLOBAL)
+                ctypes.CDLL(found[0], mode=ctypes.RTLD_GLOBAL)
+                return found[0]
+    return None
+
+
 def cuda_available() -> bool:
     """Whether a CUDA GPU can be used from TVM here."""
     if not _load_cuda_runtime():
@@ -87,6 +111,7 @@ def parse_runtime_device(device: str):
                 "Use device='cpu' with a library compiled by `mlc compile --device cpu`.",
                 param="device")
         _register_cuda_compile_callback()
+        preload_cublas()
         return "cuda", tvm.cuda(int(index) if index.isdigit() else 0)
     raise ModelLoadError(f"Unknown device {device!r}: use auto, cpu, cuda or cuda:N.",
                          param="device")

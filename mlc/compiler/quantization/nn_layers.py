@@ -8,6 +8,9 @@ Dequantization and the matmul are ONE tensor-expression compute, so a single ker
 
 from __future__ import annotations
 
+import os
+
+from tvm import relax as rx
 from tvm import te, tirx
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
@@ -58,9 +61,38 @@ class GroupQuantLinear(nn.Module):
                          out_dtype or x.dtype)
 
 
+def _use_mlc_cuda_kernels(x: Tensor) -> bool:
+    """On CUDA, float16 linears call mlc's kernels (fused q4 GEMV / cuBLAS) when built in."""
+    from tvm.target import Target
+
+    from mlc.compiler.cuda_support import nvcc_path
+
+    target = Target.current(allow_none=True)
+    return (target is not None and target.kind.name == "cuda" and x.dtype == "float16"
+            and os.environ.get("MLC_CUDA_KERNELS", "1") != "0" and nvcc_path() is not None)
+
+
+def _extern_linear(func: str, x: Tensor, weights: list[Tensor], out_features: int,
+                   out_dtype: str) -> Tensor:
+    """y = x W^T through a registered CUDA function on [rows, K] views of x and y."""
+    *lead, k = x.shape
+    rows = 1
+    for d in lead:
+        rows = rows * d
+    x2 = op.reshape(x, (rows, k))
+    out_dtype = "float32" if out_dtype == "float32" else "float16"
+    y = Tensor(_expr=rx.BlockBuilder.current().emit(rx.call_dps_packed(
+        func, [x2._expr, *[w._expr for w in weights]],
+        out_ty=rx.TensorType((rows, out_features), out_dtype))))
+    return op.reshape(y, (*lead, out_features))
+
+
 def q4_linear(x: Tensor, q_weight: Tensor, q_scale: Tensor, in_features: int,
               out_dtype: str) -> Tensor:
     """The fused dequantize-matmul as one Relax op (also used for tied lm_heads)."""
+    if _use_mlc_cuda_kernels(x) and in_features % GROUP_SIZE == 0:
+        return _extern_linear("mlc.cuda.q4_matmul", x, [q_weight, q_scale],
+                              q_weight.shape[0], out_dtype)
     return op.tensor_expr_op(
         lambda a, w, s: _q4_matmul_nt(a, w, s, in_features, out_dtype),
         "q4_matmul", [x, q_weight, q_scale])
@@ -98,6 +130,9 @@ class Linear(nn.Module):
 
     def forward(self, x: Tensor, out_dtype: str | None = None) -> Tensor:
         out_dtype = out_dtype or x.dtype
+        if _use_mlc_cuda_kernels(x):
+            return _extern_linear("mlc.cuda.f16_matmul", x, [self.weight], self.out_features,
+                                  out_dtype)
         y = op.matmul(x, op.permute_dims(self.weight), out_dtype="float32")
         return y if out_dtype == "float32" else y.astype(out_dtype)
 
@@ -114,6 +149,8 @@ class Embedding(nn.Module):
         return op.take(self.weight, ids, axis=0)
 
     def lm_head(self, x: Tensor, out_dtype: str = "float32") -> Tensor:
+        if _use_mlc_cuda_kernels(x):
+            return _extern_linear("mlc.cuda.f16_matmul", x, [self.weight], self.num, out_dtype)
         y = op.matmul(x, op.permute_dims(self.weight), out_dtype="float32")
         return y if out_dtype == "float32" else y.astype(out_dtype)
 
