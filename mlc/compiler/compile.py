@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -187,6 +188,7 @@ def compile_model(model_dir: str | Path, device: str, output: str | Path,
             f"`mlc convert ... --quantization {quantization}`.", param="quantization")
     q = get_quantization(chat.quantization)
     dev = parse_device(device)
+    _check_output_form(dev, Path(output))
     config = model_config_for(chat, overrides)
     info = get_model(chat.model_type)
     _say(quiet, f"compiling {chat.model_type} {q.name} for {dev.device} ({opt}) ...")
@@ -221,16 +223,32 @@ def build_library(info, config, chat, quantization, dev: DeviceTarget, opt: str)
     return ex, metadata
 
 
+def _check_output_form(dev: DeviceTarget, output: Path) -> None:
+    """WebGPU code links into a .wasm only with emscripten (absent from the PyPI wheel's
+    toolchain); without it the wheel writes a .tar of the wasm32 objects (host code + WGSL)."""
+    if dev.kind != "webgpu" or output.suffix == ".tar":
+        return
+    if output.suffix == ".wasm" and shutil.which("emcc"):
+        return
+    raise CompileError(
+        f"WebGPU output {output.name!r}: a WebGPU library is a .wasm linked by emscripten "
+        f"({'emcc is not installed' if output.suffix == '.wasm' else 'not a .so'}). "
+        f"Use -o {output.with_suffix('.tar').name} for the unlinked wasm32 objects with the "
+        "WGSL shaders, or install emscripten (emsdk) and use -o NAME.wasm.", param="output")
+
+
 def _export_atomically(ex, output: Path, dev: DeviceTarget) -> Path:
     output = output.resolve()
     output.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp.so", dir=output.parent)
+    # export_library picks the linker by suffix (.so: cc, .tar: tar, .wasm: emscripten)
+    suffix = ".tmp" + (output.suffix if output.suffix in (".tar", ".wasm") else ".so")
+    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=suffix, dir=output.parent)
     os.close(fd)
     try:
         from mlc.compiler import cuda_support
 
-        with cuda_support.precompiled_cuda(dev):
-            ex.export_library(tmp)
+        with cuda_support.precompiled_cuda(dev) as extra:
+            ex.export_library(tmp, **extra)
         os.replace(tmp, output)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -144,6 +144,11 @@ class CausalLMBase(nn.Module):
                 "probs": nn.spec.Tensor(["batch_size", v], f32),
                 "top_p": nn.spec.Tensor(["batch_size"], f32),
                 "top_k": nn.spec.Tensor(["batch_size"], i32), **plain}
+        if target_kind == "webgpu":
+            # TVM 0.27's GPU sort/top-k kernels launch blockIdx.z, which WebGPU lacks: sample
+            # on the host there.
+            for name in ("sample_with_top_p_top_k", "argmax", "renormalize_by_top_p_top_k"):
+                del spec[name]
         return spec
 
 
@@ -167,14 +172,18 @@ def create_kv_cache(model: CausalLMBase, max_batch_size, max_total_seq_len, pref
     from tvm.target import Target
 
     target = Target.current()
-    kind = "mha_sliding" if sliding_window and sliding_window > 0 else "mha"
+    kinds = ["mha"] * num_layers
+    if sliding_window and sliding_window > 0:
+        # TVM 0.27 allocates its q/k/v scratch only when some layer is plain "mha" (a cache of
+        # only "mha_sliding" layers crashes in CreateView): add one unused "mha" layer.
+        kinds = ["mha_sliding"] * num_layers + ["mha"]
     fix = _cpu_tree_attention_fix() if target.kind.name == "llvm" else contextlib.nullcontext()
     with fix:
         return TIRPagedKVCache(
-            attn_kind=[kind] * num_layers, max_batch_size=max_batch_size,
+            attn_kind=kinds, max_batch_size=max_batch_size,
             max_total_seq_len=max_total_seq_len, prefill_chunk_size=prefill_chunk_size,
             page_size=page_size, support_sliding_window=support_sliding_window,
-            layer_partition=rx.ShapeExpr([0, num_layers]), num_hidden_layers=num_layers,
+            layer_partition=rx.ShapeExpr([0, len(kinds)]), num_hidden_layers=len(kinds),
             num_attention_heads=num_q_heads, num_key_value_heads=num_kv_heads,
             qk_head_dim=head_dim, v_head_dim=head_dim, mla_original_qk_head_dim=0,
             mla_original_v_head_dim=0, rope_mode=RopeMode.NORMAL, rope_scale=1,

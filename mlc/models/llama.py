@@ -46,8 +46,9 @@ class Config:
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                 f"num_key_value_heads={self.num_key_value_heads}.")
         if self.sliding_window_size > 0:
-            # With a sliding window the KV cache never holds more than the window.
-            self.prefill_chunk_size = min(self.prefill_chunk_size, self.sliding_window_size)
+            # A chunk must fit the window, and stay below it: TVM 0.27's CPU sliding-window
+            # kernel turns a query row that sees no cached key (row window-1 of a chunk) into NaN.
+            self.prefill_chunk_size = min(self.prefill_chunk_size, self.sliding_window_size - 1)
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any], **overrides: Any) -> Config:
@@ -61,7 +62,10 @@ class Config:
         if "max_position_embeddings" not in hf:
             logger.info("config.json has no max_position_embeddings; using %d", ctx)
         sliding = hf.get("sliding_window") or -1
-        rope_scaling = hf.get("rope_scaling")
+        # transformers >= 5 writes `rope_parameters` (with rope_theta inside) for both.
+        rope_params = hf.get("rope_parameters") or {}
+        rope_scaling = hf.get("rope_scaling") or {
+            k: v for k, v in rope_params.items() if k != "rope_theta"}
         if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) in (
                 "default", None):
             rope_scaling = None
@@ -72,7 +76,8 @@ class Config:
             num_hidden_layers=hf["num_hidden_layers"],
             num_key_value_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
             vocab_size=hf["vocab_size"], rms_norm_eps=hf.get("rms_norm_eps", 1e-5),
-            rope_theta=hf.get("rope_theta", 10000.0), rope_scaling=rope_scaling,
+            rope_theta=hf.get("rope_theta", rope_params.get("rope_theta", 10000.0)),
+            rope_scaling=rope_scaling or None,
             head_dim=hf.get("head_dim") or 0,
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             context_window_size=ctx, prefill_chunk_size=min(2048, ctx),
