@@ -42,10 +42,11 @@ def preset_model_dir(preset: str, quantization: str, dest: Path) -> Path:
 @click.option("--batches", default="1,8,32,64", show_default=True)
 @click.option("--decode-tokens", default=256, show_default=True)
 @click.option("--runs", default=5, show_default=True)
+@click.option("--prefill-chunk", type=int, help="Prefill in chunks of this many tokens.")
 @click.option("--compare-transformers", is_flag=True, help="Run transformers fp16 too.")
 @click.option("--json", "json_out", type=click.Path(), help="Write the results here.")
 def bench(model, model_config, quantization, dummy, device, model_lib, prompts, batches,
-          decode_tokens, runs, compare_transformers, json_out):
+          decode_tokens, runs, prefill_chunk, compare_transformers, json_out):
     """Prefill tok/s, TTFT, and decode tok/s at several batch sizes (medians of runs)."""
     from mlc.errors import MLCError
     from mlc.runtime.bench import bench_model, format_table, save_results
@@ -66,7 +67,8 @@ def bench(model, model_config, quantization, dummy, device, model_lib, prompts, 
         kind, dev = parse_runtime_device(device)
         model_lib = find_or_build_library(Path(model), kind, dev)
     loaded = LoadedModel(model, model_lib, device, dummy=dummy)
-    results = [bench_model(loaded, name, _ints(prompts), decode_tokens, _ints(batches), runs)]
+    results = [bench_model(loaded, name, _ints(prompts), decode_tokens, _ints(batches), runs,
+                           prefill_chunk=prefill_chunk)]
     del loaded
     if compare_transformers:
         from mlc.runtime.bench_transformers import bench_transformers

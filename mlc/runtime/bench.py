@@ -56,13 +56,13 @@ def _median_time(fn, runs: int) -> float:
 
 def bench_model(model: LoadedModel, name: str, prompt_lengths=(128, 512, 2048),
                 decode_tokens: int = 256, batches=(1, 8, 32, 64), runs: int = 5,
-                seed: int = 0) -> BenchResult:
+                seed: int = 0, prefill_chunk: int | None = None) -> BenchResult:
     """Measure prefill tok/s and TTFT per prompt length and decode tok/s per batch size."""
     rng = np.random.default_rng(seed)
     vocab = model.vocab_size
     meta = model.metadata
     max_batch = min(max(batches), meta["max_batch_size"])
-    chunk = meta["prefill_chunk_size"]
+    chunk = min(prefill_chunk or meta["prefill_chunk_size"], meta["prefill_chunk_size"])
     total = max(max(prompt_lengths) + 16, max_batch * (decode_tokens + 32))
     total = min(total, max(meta["context_window_size"], max(prompt_lengths) + 16) * max_batch)
     model.create_kv_cache(KVCacheConfig(max_batch, total, chunk))

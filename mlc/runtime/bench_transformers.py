@@ -57,11 +57,8 @@ def bench_transformers(hf_config: dict, name: str, prompt_lengths=(128, 512, 204
                 kwargs.pop("cache_implementation", None)
                 kwargs.pop("compile_config", None)
                 model.generate(prompt, **kwargs)
-            t = statistics.median(
-                [timed(lambda: model.generate(prompt, **kwargs)) for _ in range(1)])
+            t = timed(lambda: model.generate(prompt, **kwargs))
             res.decode_tok_s[b] = b * steps / t
             res.decode_step_ms[b] = t / steps * 1000
         res.peak_memory_gib = torch.cuda.max_memory_allocated() / (1 << 30)
-    del model
-    torch.cuda.empty_cache()
     return res

@@ -16,8 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator, Iterator
 
-from mlc.errors import (BadRequestError, ContextWindowExceededError, EngineTerminatedError,
-                        MLCError, ModelLoadError)
+from mlc.errors import (
+    BadRequestError,
+    ContextWindowExceededError,
+    EngineTerminatedError,
+    ModelLoadError,
+)
 from mlc.runtime import protocol as P
 from mlc.runtime.chat_template import parse_tool_calls, render_chat
 from mlc.runtime.engine_core import EngineCore, EngineLimits, Request, RequestOutput
@@ -166,6 +170,10 @@ class _EngineBase:
                 f"response_format type {gen.response_format['type']!r} needs grammar-"
                 "constrained decoding, which this mlc build does not support yet; the request "
                 "was refused rather than answered unconstrained.", param="response_format")
+        if gen.n > self.plan.max_batch_size:   # would never be admitted
+            raise BadRequestError(
+                f"Invalid 'n': {gen.n} choices exceed this engine's max_batch_size "
+                f"{self.plan.max_batch_size}; lower n or raise max_batch_size.", param="n")
         ctx = self.plan.context_window_size
         if prompt_len >= ctx:
             raise ContextWindowExceededError(
@@ -270,9 +278,9 @@ class _EngineBase:
                 continue
             choices.append(P.ChunkChoice(
                 index=d.index, finish_reason=reason,
+                # content stays a str (MLC-LLM's examples concatenate every delta's content)
                 delta=P.Delta(role="assistant" if first else None,
-                              content=text if (text or first) else None,
-                              tool_calls=tool_calls),
+                              content=None if tool_calls else text, tool_calls=tool_calls),
                 logprobs=self._chat_logprobs(d)))
         chunks = []
         if choices:

@@ -14,7 +14,7 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -206,10 +206,11 @@ class EngineCore:
     def _admit(self) -> None:
         while self.waiting:
             req = self.waiting[0]
-            n = len(req.seqs) or req.config.n
+            live = [s for s in req.seqs if not s.finish_reason]  # (preempted: some may be done)
+            n = len(live) if req.seqs else req.config.n
             if self._num_seqs() + n > self.limits.max_batch_size:
                 return
-            tokens = [len(s.tokens) for s in req.seqs] or [len(req.prompt_ids)] * n
+            tokens = [len(s.tokens) for s in live] or [len(req.prompt_ids)] * n
             need = sum(self._pages_needed(t + 1) for t in tokens)
             if need > self.model.free_pages() and self.running:
                 return                          # wait until running requests free pages
@@ -217,6 +218,8 @@ class EngineCore:
             if not req.seqs:                    # first admission: one sequence, forked later
                 req.seqs = [Sequence(next(self._seq_ids), 0, req.prompt_ids, req)]
             for seq in req.seqs:
+                if seq.finish_reason:           # finished choices stay out of the cache
+                    continue
                 self.model.add_sequence(seq.seq_id)
                 seq.in_cache, seq.num_cached = True, 0
             self.running.append(req)
@@ -231,7 +234,8 @@ class EngineCore:
             if seq.in_cache:
                 self.model.remove_sequence(seq.seq_id)
                 seq.in_cache, seq.num_cached = False, 0
-        victim.forked = True                    # re-prefill each choice on its own
+        # Each existing choice is re-prefilled on its own; a request preempted before its
+        # first prefill finished has no children yet (forked stays False) and forks later.
         self.waiting.appendleft(victim)
         self.stats["preemptions"] += 1
         self.tracer.event(victim.request_id, "preempted")
@@ -277,6 +281,8 @@ class EngineCore:
                 break
             seqs = [s for s in seqs if s.in_cache]
             need = sum(1 for s in seqs if s.num_cached % 16 == 0)
+        if need > self.model.free_pages():
+            seqs = self._end_choices_that_cannot_grow(seqs)
         if not seqs:
             return
         t0 = time.perf_counter()
@@ -288,6 +294,22 @@ class EngineCore:
         for seq in seqs:
             seq.num_cached += 1
         self._sample_and_emit(seqs, logits, after_prefill=False)
+
+    def _end_choices_that_cannot_grow(self, seqs: list[Sequence]) -> list[Sequence]:
+        """Nothing is left to preempt, yet the n choices of one request outgrow the KV cache:
+        the choices that need a page the cache does not have end with "length", as at the
+        context window. Returns the sequences that still decode."""
+        spare, keep = self.model.free_pages(), []
+        for seq in seqs:
+            if seq.num_cached % 16 != 0 or spare > 0:
+                spare -= seq.num_cached % 16 == 0
+                keep.append(seq)
+                continue
+            text = "" if seq.stop.stopped else (seq.stop.put(seq.detok.flush())[0]
+                                                + seq.stop.flush())
+            self._finish_seq(seq, "length")
+            self._deliver(seq.request, [ChoiceDelta(seq.index, text, [], None, "length")])
+        return keep
 
     @staticmethod
     def _request_of(seq: Sequence) -> Request:

@@ -35,7 +35,6 @@ class KVCacheConfig:
 
 def read_library_metadata(lib_path: str | Path, device: str = "cpu") -> dict:
     """The `_metadata` JSON of a library, without loading any weights."""
-    import tvm
     from tvm.runtime import vm as rvm
 
     _, dev = parse_runtime_device(device)
@@ -74,6 +73,10 @@ def check_library_matches(metadata: dict, chat: ChatConfig, cache: TensorCache) 
             problems.append(f"{p['name']} shape {list(rec.shape)} != {p['shape']}")
         if len(problems) > 5:
             break
+    # e.g. a tied-embedding library with untied weights would silently ignore lm_head
+    unused = sorted(set(cache.records) - {p["name"] for p in metadata.get("params", [])})
+    if unused:
+        problems.append(f"the library does not use the weights {unused[:3]}")
     if problems:
         raise ModelLoadError(
             "The model library does not match the weights: " + "; ".join(problems) +
@@ -81,19 +84,25 @@ def check_library_matches(metadata: dict, chat: ChatConfig, cache: TensorCache) 
             "model_lib.", param="model_lib")
 
 
+def random_range(spec: dict) -> tuple[float, float]:
+    """The value range of a random parameter: small q4 scales, unit-ish norms, small weights,
+    so activations stay finite through many layers (uint32 packed weights: any bits)."""
+    if spec["name"].endswith("q_scale"):
+        return 0.002, 0.006
+    if spec["name"].endswith("norm.weight"):
+        return 0.8, 1.2
+    return -0.035, 0.035
+
+
 def random_param(spec: dict, seed: int = 0) -> np.ndarray:
-    """A random tensor for a parameter spec: any 4-bit pattern for packed weights, small
-    scales and unit-ish norms, so activations stay finite through many layers."""
-    rng = np.random.default_rng([seed, abs(hash(spec["name"])) % (1 << 31)])
+    """A random tensor for a parameter spec, made on the host (see `random_range`)."""
+    rng = np.random.default_rng(seed)
     shape, dtype = tuple(spec["shape"]), spec["dtype"]
     if dtype.startswith("uint"):
         count = int(np.prod(shape)) * np.dtype(dtype).itemsize
         return np.frombuffer(rng.bytes(count), dtype=dtype).reshape(shape)
-    if spec["name"].endswith("q_scale"):
-        return rng.uniform(0.002, 0.006, size=shape).astype(dtype)
-    if spec["name"].endswith("norm.weight"):
-        return rng.uniform(0.8, 1.2, size=shape).astype(dtype)
-    return (rng.standard_normal(size=shape, dtype=np.float32) * 0.02).astype(dtype)
+    lo, hi = random_range(spec)
+    return rng.uniform(lo, hi, size=shape).astype(dtype)
 
 
 class LoadedModel:
@@ -115,8 +124,7 @@ class LoadedModel:
                                  "model library. Rebuild it with `mlc compile`.")
         self.metadata = json.loads(str(self.vm["_metadata"]()))
         if dummy:   # random weights of the right shapes (benchmarks of unreleased sizes)
-            self.params = [tvm.runtime.tensor(random_param(p), self.device)
-                           for p in self.metadata["params"]]
+            self.params = [self._random_param(p, i) for i, p in enumerate(self.metadata["params"])]
         else:
             cache = TensorCache(self.model_dir)
             check_library_matches(self.metadata, self.chat_config, cache)
@@ -137,6 +145,18 @@ class LoadedModel:
         self._total_len = g("vm.builtin.attention_kv_cache_get_total_sequence_length")
         self.kv_cache = None
         self.kv_config: KVCacheConfig | None = None
+
+    def _random_param(self, spec: dict, seed: int):
+        """A random parameter, generated on the GPU where the library carries mlc's kernels."""
+        import tvm
+
+        fill = tvm.get_global_func("mlc.cuda.fill_random", allow_missing=True)
+        if self.device_kind != "cuda" or fill is None:
+            return tvm.runtime.tensor(random_param(spec, seed), self.device)
+        tensor = tvm.runtime.empty(tuple(spec["shape"]), spec["dtype"], self.device)
+        lo, hi = random_range(spec)
+        fill(tensor, seed, lo, hi)
+        return tensor
 
     def _has(self, name: str) -> bool:
         try:

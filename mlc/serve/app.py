@@ -1,0 +1,406 @@
+"""The OpenAI-compatible HTTP app: FastAPI routes over an `AsyncMLCEngine`.
+
+    app = create_app(engine, api_key="sk-...")      # any ASGI server runs it (uvicorn)
+
+Routes: `POST /v1/chat/completions`, `POST /v1/completions` (JSON, or SSE with
+``stream: true``), `GET /v1/models`, `GET /v1/models/{id}`, `GET /health`, and the schema
+at `/openapi.json`. Request bodies are read as raw JSON and validated by the engine (the
+protocol's parse functions), so every problem is an OpenAI-shaped error,
+``{"error": {"message", "type", "param", "code"}}``, never FastAPI's 422:
+
+    400 invalid request (including max_tokens beyond the context window)
+    401 missing or wrong `Authorization: Bearer KEY` (when the app has an api_key)
+    404 unknown route, or a `model` this server does not serve (code "model_not_found")
+    413 body larger than `max_body_bytes`
+    429 more than `max_waiting_requests` requests waiting for a batch slot
+    500 internal error (logged with its traceback; the response carries none)
+
+A client that disconnects aborts its request, which frees its KV pages. An engine error in
+the middle of a stream arrives as a last ``data: {"error": ...}`` event before ``[DONE]``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Callable
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from mlc.errors import BadRequestError, MLCError, ServerOverloadedError
+from mlc.runtime import protocol as P
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_BODY_BYTES = 4 * 2**20
+DEFAULT_MAX_WAITING_REQUESTS = 64
+
+
+class AuthenticationError(MLCError):
+    """No or a wrong API key (HTTP 401)."""
+
+    status_code = 401
+
+
+class NotFoundError(MLCError):
+    """An unknown route or model (HTTP 404)."""
+
+    status_code = 404
+
+
+class PayloadTooLargeError(MLCError):
+    """The request body is larger than the server accepts (HTTP 413)."""
+
+    status_code = 413
+
+
+class ClientDisconnected(Exception):
+    """The client went away before its (non-streaming) response was ready."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Error bodies
+
+
+class ErrorInfo(BaseModel):
+    """The `error` object of an OpenAI error response."""
+
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error response: {"error": {...}}."""
+
+    error: ErrorInfo
+
+
+def error_response(error: MLCError) -> JSONResponse:
+    """The JSON response for an `MLCError` (unknown models are 404, as OpenAI answers)."""
+    status = 404 if error.code == "model_not_found" else error.status_code
+    return JSONResponse(error.to_openai(), status_code=status)
+
+
+def _internal_error(exc: BaseException) -> MLCError:
+    err = MLCError(f"Internal server error ({type(exc).__name__}); see the server log.")
+    err.type, err.status_code = "internal_server_error", 500
+    return err
+
+
+def _sse(payload: str) -> str:
+    return f"data: {payload}\n\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# The app
+
+
+@dataclass
+class ServerLimits:
+    """Limits the app enforces before a request reaches the engine."""
+
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_waiting_requests: int = DEFAULT_MAX_WAITING_REQUESTS
+
+
+class _ServerState:
+    """What the routes share: the engine, the limits and the count of open requests."""
+
+    def __init__(self, engine: Any, api_key: str | None, limits: ServerLimits):
+        self.engine = engine
+        self.api_key = api_key
+        self.limits = limits
+        self.open_requests = 0
+        self.started = int(time.time())
+
+    @property
+    def batch_slots(self) -> int:
+        """How many requests one engine batch runs; open requests beyond it wait."""
+        return getattr(getattr(self.engine, "plan", None), "max_batch_size", 1)
+
+    def open_request(self) -> None:
+        """Count a new request in, or refuse it (429) when too many already wait."""
+        waiting = self.open_requests - self.batch_slots
+        if waiting >= self.limits.max_waiting_requests:
+            raise ServerOverloadedError(
+                f"The server is busy: {waiting} requests are already waiting for a batch slot "
+                f"(limit {self.limits.max_waiting_requests}); retry later.")
+        self.open_requests += 1
+
+    def close_request(self) -> None:
+        self.open_requests -= 1
+
+    def model_names(self) -> list[str]:
+        """The names a request's `model` may use; the first is the one listed."""
+        engine = self.engine
+        names = [getattr(engine, "model_name", None)]
+        model_dir = getattr(engine, "model_dir", None)
+        if model_dir is not None:
+            names += [str(model_dir), model_dir.name]
+        return list(dict.fromkeys(n for n in names if n))
+
+    def alive(self) -> bool:
+        core = getattr(self.engine, "core", None)
+        return not getattr(self.engine, "_terminated", False) and getattr(core, "alive", True)
+
+
+def create_app(engine: Any, api_key: str | None = None, *,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+               max_waiting_requests: int = DEFAULT_MAX_WAITING_REQUESTS) -> FastAPI:
+    """The FastAPI app serving `engine` (an `AsyncMLCEngine`); `api_key` None = no auth."""
+    state = _ServerState(engine, api_key, ServerLimits(max_body_bytes, max_waiting_requests))
+    app = FastAPI(title="mlc", summary="OpenAI-compatible LLM server (mlc on Apache TVM).",
+                  version=_package_version())
+    app.state.mlc = state
+
+    @app.exception_handler(MLCError)
+    async def _on_mlc_error(request: Request, exc: MLCError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 404:
+            err = NotFoundError(f"Unknown route {request.method} {request.url.path}.",
+                                code="not_found")
+        else:
+            err = MLCError(str(exc.detail))
+            err.status_code = exc.status_code
+        return JSONResponse(err.to_openai(), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    async def check_api_key(request: Request) -> None:
+        if state.api_key is None:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(),
+                                                                 state.api_key.encode()):
+            raise AuthenticationError("Incorrect or missing API key: send the header "
+                                      "'Authorization: Bearer <key>'.", code="invalid_api_key")
+
+    auth = [Depends(check_api_key)]
+    err_docs = {s: {"model": ErrorResponse} for s in (400, 401, 404, 413, 429, 500)}
+
+    @app.post("/v1/chat/completions", dependencies=auth, tags=["OpenAI"],
+              openapi_extra=_request_body_doc(P.ChatCompletionRequest),
+              responses={200: _response_doc(P.ChatCompletion, P.ChatCompletionChunk),
+                         **err_docs})
+    async def chat_completions(request: Request):
+        """Create a chat completion (SSE stream of chunks with `stream: true`)."""
+        return await _serve_request(state, request, chat=True)
+
+    @app.post("/v1/completions", dependencies=auth, tags=["OpenAI"],
+              openapi_extra=_request_body_doc(P.CompletionRequest),
+              responses={200: _response_doc(P.Completion, P.Completion), **err_docs})
+    async def completions(request: Request):
+        """Create a text completion (SSE stream with `stream: true`)."""
+        return await _serve_request(state, request, chat=False)
+
+    @app.get("/v1/models", dependencies=auth, tags=["OpenAI"])
+    async def list_models() -> dict:
+        """The served model, in OpenAI's list shape."""
+        return {"object": "list", "data": [_model_card(state)]}
+
+    @app.get("/v1/models/{model_id:path}", dependencies=auth, tags=["OpenAI"],
+             responses={404: {"model": ErrorResponse}}, openapi_extra={"parameters": [
+                 {"name": "model_id", "in": "path", "required": True,
+                  "schema": {"type": "string"}}]})
+    async def retrieve_model(request: Request) -> dict:
+        """One model, if this server serves it."""
+        model_id = request.path_params["model_id"]
+        if model_id not in state.model_names():
+            raise NotFoundError(f"The model {model_id!r} does not exist.", param="model",
+                                code="model_not_found")
+        return _model_card(state)
+
+    @app.get("/health", tags=["Server"])
+    async def health() -> JSONResponse:
+        """200 while the engine runs, 503 once it has stopped."""
+        ok = state.alive()
+        return JSONResponse({"status": "ok" if ok else "engine stopped",
+                             "open_requests": state.open_requests},
+                            status_code=200 if ok else 503)
+
+    app.openapi = lambda: _openapi(app)
+    return app
+
+
+def _model_card(state: _ServerState) -> dict:
+    return {"id": state.model_names()[0] if state.model_names() else "mlc",
+            "object": "model", "created": state.started, "owned_by": "mlc"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Serving one request
+
+
+async def _serve_request(state: _ServerState, request: Request, chat: bool):
+    data = await _read_json(request, state.limits.max_body_bytes)
+    state.open_request()
+    try:
+        if data.get("request_id") is None:
+            data["request_id"] = P.random_id("chatcmpl-" if chat else "cmpl-")
+        rid = data["request_id"]
+        api = state.engine.chat.completions if chat else state.engine.completions
+        kwargs = _known_fields(data, P.ChatCompletionRequest if chat else P.CompletionRequest)
+        result = await _unless_disconnected(request, api.create(**kwargs), state.engine, rid)
+    except ClientDisconnected:
+        state.close_request()
+        return JSONResponse({}, status_code=499)   # nobody reads it
+    except MLCError:
+        state.close_request()
+        raise
+    except Exception as e:  # noqa: BLE001 - any other failure is a 500 without a traceback
+        state.close_request()
+        logger.exception("request failed")
+        return error_response(_internal_error(e))
+    if isinstance(result, BaseModel):
+        state.close_request()
+        return JSONResponse(result.model_dump(mode="json"))
+
+    def on_close() -> None:
+        state.close_request()
+        state.engine.abort(rid)
+
+    return _SSEResponse(_sse_events(result), on_close)
+
+
+def _known_fields(data: dict[str, Any], model: type[BaseModel]) -> dict[str, Any]:
+    """The fields `model` knows (others are logged and dropped, as the protocol does; a key
+    such as "self" must not reach `create(**kwargs)`)."""
+    known = {alias for name, f in model.model_fields.items() for alias in (name, f.alias)}
+    unknown = sorted(k for k in data if k not in known)
+    if unknown:
+        logger.warning("%s: ignoring unknown field(s) %s", model.__name__, unknown)
+    return {k: v for k, v in data.items() if k in known}
+
+
+async def _read_json(request: Request, limit: int) -> dict[str, Any]:
+    """The body as a JSON object (413 beyond `limit` bytes, 400 if not a JSON object)."""
+    too_large = PayloadTooLargeError(
+        f"The request body is larger than the server's limit of {limit} bytes.",
+        code="request_too_large")
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise too_large
+    body = bytearray()
+    async for part in request.stream():
+        body += part
+        if len(body) > limit:
+            raise too_large
+    try:
+        data = json.loads(body, parse_constant=_reject_constant)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BadRequestError(f"The request body is not valid JSON: {e}.") from None
+    if not isinstance(data, dict):
+        raise BadRequestError("The request body must be a JSON object.")
+    return data
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not a JSON value")
+
+
+async def _unless_disconnected(request: Request, coro, engine: Any, request_id: str):
+    """Await `coro`; if the client disconnects first, cancel it, abort the request and
+    raise `ClientDisconnected`."""
+    work = asyncio.ensure_future(coro)
+    watcher = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if work.done():
+        return work.result()
+    work.cancel()
+    engine.abort(request_id)
+    raise ClientDisconnected()
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _sse_events(chunks: AsyncIterator[BaseModel]) -> AsyncIterator[str]:
+    """`data: {chunk}` events, an error event if the engine fails midway, then [DONE]."""
+    try:
+        async for chunk in chunks:
+            yield _sse(chunk.model_dump_json())
+    except MLCError as e:
+        yield _sse(json.dumps(e.to_openai()))
+    except Exception as e:  # noqa: BLE001 - reported to the client, logged with traceback
+        logger.exception("stream failed")
+        yield _sse(json.dumps(_internal_error(e).to_openai()))
+    finally:
+        aclose = getattr(chunks, "aclose", None)
+        if aclose is not None:
+            await aclose()
+    yield _sse("[DONE]")
+
+
+class _SSEResponse(StreamingResponse):
+    """A server-sent-events response that runs `on_close` however the stream ends
+    (finished, failed, or the client went away)."""
+
+    def __init__(self, events: AsyncIterator[str], on_close: Callable[[], None]):
+        super().__init__(events, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
+            await self.body_iterator.aclose()
+
+
+# ---------------------------------------------------------------------------------------------
+# OpenAPI: the raw-JSON routes still document their request and response schemas
+
+
+def _request_body_doc(model: type[BaseModel]) -> dict:
+    ref = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
+
+
+def _response_doc(response: type[BaseModel], chunk: type[BaseModel]) -> dict:
+    return {"model": response, "description": f"A {response.__name__}; with `stream: true`, "
+            f"server-sent events `data: <{chunk.__name__}>` ending with `data: [DONE]`."}
+
+
+def _openapi(app: FastAPI) -> dict:
+    if app.openapi_schema is not None:
+        return app.openapi_schema
+    schema = get_openapi(title=app.title, version=app.version, summary=app.summary,
+                         routes=app.routes)
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    for model in (P.ChatCompletionRequest, P.CompletionRequest):
+        model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update(model_schema.pop("$defs", {}))
+        components[model.__name__] = model_schema
+    app.openapi_schema = schema
+    return schema
+
+
+def _package_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("mlc")
+    except Exception:  # noqa: BLE001 - running from a source tree
+        return "0"
+
+
+__all__ = ["create_app", "error_response", "ErrorResponse", "ServerLimits",
+           "DEFAULT_MAX_BODY_BYTES", "DEFAULT_MAX_WAITING_REQUESTS"]

