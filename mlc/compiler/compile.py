@@ -19,10 +19,10 @@ from typing import Any
 from mlc.compiler.target import DeviceTarget, parse_device
 from mlc.errors import CompileError, MLCError
 from mlc.support.chat_config import ChatConfig
+from mlc.support.versions import LIBRARY_VERSION as COMPILER_VERSION
 
 logger = logging.getLogger(__name__)
 
-from mlc.support.versions import LIBRARY_VERSION as COMPILER_VERSION  # noqa: E402
 OPT_LEVELS = {
     "O0": "no schedules beyond what the target needs to run (debugging)",
     "O1": "fusion + FuseTransposeMatmul + default schedules",
@@ -148,9 +148,8 @@ def library_metadata(chat: ChatConfig, config, quantization, named_params, dev: 
 
 
 def _attach_metadata(mod, metadata: dict[str, Any]):
-    from tvm import relax as rx
-
     import tvm
+    from tvm import relax as rx
 
     func = rx.Function([], tvm.ir.StringImm(json.dumps(metadata)), is_pure=True)
     mod["_metadata"] = func.with_attr("global_symbol", "_metadata")
