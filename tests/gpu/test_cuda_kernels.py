@@ -5,15 +5,15 @@ import pytest
 
 from mlc.compiler.quantization import dequantize_weight, get_quantization, quantize_weight
 
-ROWS = [1, 2, 3, 5, 8, 13, 16, 17, 64, 300]
+ROWS = [1, 2, 3, 5, 8, 9, 13, 17, 64, 100, 256, 257, 300]
 
 
 @pytest.fixture(scope="module")
 def funcs(gpu_assets):
     import tvm
 
-    from mlc.runtime.model import _load_module
     from mlc.runtime.device import parse_runtime_device
+    from mlc.runtime.model import _load_module
 
     parse_runtime_device("cuda")
     _load_module(gpu_assets / "smol-q4f16_1-cuda.so")     # registers mlc.cuda.*
@@ -26,7 +26,7 @@ def test_q4_matmul(funcs, m, out_dtype):
     import tvm
 
     rng = np.random.default_rng(m)
-    n, k = 384, 1536
+    n, k = 392, 1536
     q = get_quantization("q4f16_1")
     w = rng.standard_normal((n, k)).astype("float32")
     qw, qs = quantize_weight(w, q)

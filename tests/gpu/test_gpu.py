@@ -172,3 +172,73 @@ def test_engine_batching_and_abort_on_gpu(gpu_assets):
         assert engine.model.free_pages() == free0
     finally:
         engine.terminate()
+
+
+def hf_model_from_mlc(model_dir: Path):
+    """transformers' LlamaForCausalLM (float32) holding the MLC dir's weights, q4 dequantized:
+    the exact float32 reference of what the library computes."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mlc.compiler.quantization import dequantize_weight, get_quantization
+
+    chat = ChatConfig.load(model_dir)
+    c = chat.model_config
+    hf = LlamaForCausalLM(LlamaConfig(
+        hidden_size=c["hidden_size"], intermediate_size=c["intermediate_size"],
+        num_attention_heads=c["num_attention_heads"], num_key_value_heads=c["num_key_value_heads"],
+        num_hidden_layers=c["num_hidden_layers"], vocab_size=c["vocab_size"],
+        rms_norm_eps=c["rms_norm_eps"], rope_theta=c["rope_theta"], head_dim=c["head_dim"],
+        tie_word_embeddings=c["tie_word_embeddings"], max_position_embeddings=4096))
+    cache, q = TensorCache(model_dir), get_quantization("q4f16_1")
+
+    def weight(base: str) -> np.ndarray:
+        if base + ".weight" in cache:
+            return cache.get(base + ".weight").astype("float32")
+        scale = cache.get(base + ".q_scale")
+        return dequantize_weight(cache.get(base + ".q_weight"), scale, q,
+                                 scale.shape[1] * 32).astype("float32")
+
+    d, hq, hkv = c["head_dim"], c["num_attention_heads"], c["num_key_value_heads"]
+    sd = {"model.embed_tokens.weight": weight("model.embed_tokens"),
+          "model.norm.weight": weight("model.norm")}
+    for i in range(c["num_hidden_layers"]):
+        p = f"model.layers.{i}"
+        qkv = weight(f"{p}.self_attn.qkv_proj")
+        sd[f"{p}.self_attn.q_proj.weight"] = qkv[: hq * d]
+        sd[f"{p}.self_attn.k_proj.weight"] = qkv[hq * d: (hq + hkv) * d]
+        sd[f"{p}.self_attn.v_proj.weight"] = qkv[(hq + hkv) * d:]
+        sd[f"{p}.self_attn.o_proj.weight"] = weight(f"{p}.self_attn.o_proj")
+        gate, up = np.split(weight(f"{p}.mlp.gate_up_proj"), 2)
+        sd[f"{p}.mlp.gate_proj.weight"], sd[f"{p}.mlp.up_proj.weight"] = gate, up
+        sd[f"{p}.mlp.down_proj.weight"] = weight(f"{p}.mlp.down_proj")
+        for n in ("input_layernorm", "post_attention_layernorm"):
+            sd[f"{p}.{n}.weight"] = weight(f"{p}.{n}")
+    if not c["tie_word_embeddings"]:
+        sd["lm_head.weight"] = weight("lm_head")
+    hf.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()},
+                       strict=False)
+    return hf.eval()
+
+
+PREFILL_TOLERANCE = 0.01   # max |mlc - transformers fp32| / logit range, float16 on the GPU
+
+
+def test_prefill_logits_match_transformers_fp32(model_pair, tokenizer, gpu_assets):
+    import torch
+
+    quant, gpu, _ = model_pair
+    hf = hf_model_from_mlc(gpu.model_dir)
+    report = []
+    for prompt in PROMPTS:
+        ids = tokenizer.encode(prompt, add_special_tokens=False).ids
+        gpu.add_sequence(0)
+        ours = gpu.prefill([0], [ids])[0]
+        gpu.remove_sequence(0)
+        with torch.no_grad():
+            ref = hf(torch.tensor([ids])).logits[0, -1].numpy()
+        rel = float(np.abs(ours - ref).max() / (ref.max() - ref.min()))
+        report.append({"prompt": prompt, "max_abs_diff_over_range": rel,
+                       "argmax_equal": int(ours.argmax()) == int(ref.argmax())})
+        assert rel < PREFILL_TOLERANCE, f"{quant}: {rel}"
+    Path(gpu_assets, f"gpu-vs-transformers-{quant}.json").write_text(json.dumps(report, indent=1))
