@@ -14,6 +14,10 @@ from pathlib import Path
 
 from mlc.errors import ModelLoadError
 
+# TVM's CPU thread pool assumes hyper-threading and starts half of the cores (one on a 2-core
+# machine) unless told; mlc's CPU kernels are written for all of them.
+os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
+
 
 def _tvm_lib_dir() -> Path:
     import tvm

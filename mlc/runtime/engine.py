@@ -24,6 +24,7 @@ from mlc.errors import (
 )
 from mlc.runtime import protocol as P
 from mlc.runtime.chat_template import parse_tool_calls, render_chat
+from mlc.runtime.device import parse_runtime_device
 from mlc.runtime.engine_core import EngineCore, EngineLimits, Request, RequestOutput
 from mlc.runtime.generation_config import GenerationConfig
 from mlc.runtime.memory_plan import plan_memory
@@ -80,13 +81,12 @@ class _EngineBase:
         self.max_history_size = pick(max_history_size, cfg.max_history_size)
         self.spec_draft_length = pick(spec_draft_length, cfg.spec_draft_length)
         self.verbose = verbose or cfg.verbose
-        self.model_dir = resolve_model(model, quiet=not self.verbose)
+        kind, dev = parse_runtime_device(device)
+        self.model_dir = resolve_model(model, quiet=not self.verbose, device_kind=kind)
         model_lib = pick(model_lib, cfg.model_lib)
         if model_lib is None:
-            from mlc.runtime.device import parse_runtime_device
             from mlc.runtime.jit import find_or_build_library
 
-            kind, dev = parse_runtime_device(device)
             model_lib = find_or_build_library(self.model_dir, kind, dev,
                                               quiet=not self.verbose)
         t0 = time.perf_counter()

@@ -13,14 +13,21 @@ from mlc.support.chat_config import CHAT_CONFIG_NAME
 
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 EMBEDDED_HF = "HF://HuggingFaceTB/SmolLM2-135M-Instruct"
-DEFAULT_QUANTIZATION = os.environ.get("MLC_DEFAULT_QUANTIZATION", "q4f16_1")
+
+
+def default_quantization(device_kind: str) -> str:
+    """q4f32_1 on CPUs (float16 arithmetic is emulated there: 105 vs 39 tok/s decode, see
+    bench/NOTES.md), q4f16_1 on GPUs; MLC_DEFAULT_QUANTIZATION overrides."""
+    return os.environ.get("MLC_DEFAULT_QUANTIZATION",
+                          "q4f32_1" if device_kind == "cpu" else "q4f16_1")
 
 
 def _is_mlc_dir(path: Path) -> bool:
     return (path / CHAT_CONFIG_NAME).is_file()
 
 
-def resolve_model(model: str | os.PathLike, quiet: bool = False) -> Path:
+def resolve_model(model: str | os.PathLike, quiet: bool = False,
+                  device_kind: str = "cpu") -> Path:
     """A local MLC model dir for `model`, converting or downloading as needed."""
     text = str(model)
     path = Path(text).expanduser()
@@ -33,13 +40,13 @@ def resolve_model(model: str | os.PathLike, quiet: bool = False) -> Path:
             f"{path} has no {CHAT_CONFIG_NAME}: it is not an MLC model dir. Convert it first: "
             f"`mlc convert {path} --quantization q4f16_1 -o {path}-MLC`.", param="model")
     if text.startswith("HF://") or text == EMBEDDED_NAME:
-        return _from_hub_or_embedded(text, quiet)
+        return _from_hub_or_embedded(text, quiet, default_quantization(device_kind))
     raise ModelLoadError(
         f"Model {text!r} not found. Pass an MLC model dir (from `mlc convert`), a path to "
         f"{CHAT_CONFIG_NAME}, an HF:// link, or {EMBEDDED_NAME!r}.", param="model")
 
 
-def _from_hub_or_embedded(text: str, quiet: bool) -> Path:
+def _from_hub_or_embedded(text: str, quiet: bool, quantization: str) -> Path:
     if text.startswith("HF://") and text != EMBEDDED_HF:
         repo = text[len("HF://"):]
         try:
@@ -52,10 +59,10 @@ def _from_hub_or_embedded(text: str, quiet: bool) -> Path:
         if _is_mlc_dir(local):   # an MLC-format repo: fetch the weights as they are
             return Path(snapshot_download(repo))
     out = cache_root() / "models" / f"{text.replace('HF://', '').replace('/', '--')}-" \
-        f"{DEFAULT_QUANTIZATION}"
+        f"{quantization}"
     if _is_mlc_dir(out):
         return out
     from mlc.compiler.convert import convert  # converting needs the compiler side
 
-    convert(text, DEFAULT_QUANTIZATION, out, overwrite=False, quiet=quiet)
+    convert(text, quantization, out, overwrite=False, quiet=quiet)
     return out
