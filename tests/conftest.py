@@ -84,3 +84,18 @@ def smollm2_q0f32(smollm2_dir) -> Path:
 def smollm2_q4f16_1(smollm2_dir) -> Path:
     """SmolLM2-135M-Instruct converted to q4f16_1."""
     return smollm2_dir("q4f16_1")
+
+
+@pytest.fixture(scope="session")
+def smol_engine_dir(smollm2_dir, tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct (q4f32_1) with its CPU library as `lib-cpu.so`: an MLC dir the
+    engine loads without compiling (converted and compiled once, cached in the test cache)."""
+    from helpers import build_lib
+
+    converted = smollm2_dir("q4f32_1")
+    lib = build_lib(converted, "cpu")
+    out = tmp_path_factory.mktemp("smollm2-q4f32_1")
+    for item in converted.iterdir():
+        (out / item.name).symlink_to(item)
+    (out / "lib-cpu.so").symlink_to(lib)
+    return out

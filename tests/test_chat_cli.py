@@ -19,21 +19,6 @@ STATS = re.compile(r"prefill: ([\d.]+) tok/s \((\d+) tokens.*decode: ([\d.]+) to
                    r"\((\d+) tokens")
 
 
-@pytest.fixture(scope="session")
-def smol_engine_dir(smollm2_dir, tmp_path_factory) -> Path:
-    """SmolLM2-135M-Instruct (q4f32_1) with its CPU library as `lib-cpu.so`: an MLC dir the
-    engine loads without compiling (converted and compiled once, cached in the test cache)."""
-    from helpers import build_lib
-
-    converted = smollm2_dir("q4f32_1")
-    lib = build_lib(converted, "cpu")
-    out = tmp_path_factory.mktemp("smollm2-q4f32_1")
-    for item in converted.iterdir():
-        (out / item.name).symlink_to(item)
-    (out / "lib-cpu.so").symlink_to(lib)
-    return out
-
-
 def spawn_chat(model_dir: Path, *args: str):
     child = pexpect.spawn(sys.executable, ["-m", "mlc", "chat", str(model_dir), "--device",
                                            "cpu", *args], encoding="utf-8", timeout=180,

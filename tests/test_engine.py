@@ -93,7 +93,7 @@ def generated_ids(engine, prompt, **kwargs) -> list[int]:
     args = dict(prompt=prompt, temperature=0, max_tokens=16, ignore_eos=True)
     args.update(kwargs)
     _, ids, gen = engine._prepare_completion(args)
-    return [t for out in engine._run(f"ids-{uuid.uuid4().hex}", ids, gen)
+    return [t for out in engine._submit(f"ids-{uuid.uuid4().hex}", ids, gen)
             for d in out.deltas for t in d.token_ids]
 
 

@@ -14,7 +14,7 @@ import queue
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterator
+from typing import Any, AsyncIterator, Callable, Iterator
 
 from mlc.errors import (
     BadRequestError,
@@ -211,10 +211,32 @@ class _EngineBase:
         gen = self._finish_config(req.to_generation_config(), len(ids))
         return req, ids, gen
 
-    def _submit(self, request_id: str, ids: list[int], gen: GenerationConfig, on_output):
-        self._check_alive()
+    def _submit(self, request_id: str, ids: list[int], gen: GenerationConfig):
+        """Hand a request to the loop; its outputs arrive on the returned stream."""
+        stream = self._stream_class()
         self.core.submit(Request(request_id, ids, gen, self.tokenizer,
-                                 self.chat_config.eos_token_id or [], on_output))
+                                 self.chat_config.eos_token_id or [], stream))
+        return stream
+
+    def _start_chat(self, kwargs: dict[str, Any]) -> _Pending:
+        self._check_alive()
+        req, ids, gen, use_tools = self._prepare_chat(kwargs)
+        rid, created = req.request_id or P.random_id("chatcmpl-"), int(time.time())
+        state = {"started": set(), "text": {}}
+        return _Pending(rid, self._submit(rid, ids, gen), req.stream,
+                        lambda out: self._chat_chunks(req, out, rid, created, state, use_tools),
+                        lambda outs: self._chat_response(req, outs, rid, created, use_tools))
+
+    def _start_completion(self, kwargs: dict[str, Any]) -> _Pending:
+        self._check_alive()
+        req, ids, gen = self._prepare_completion(kwargs)
+        rid, created = req.request_id or P.random_id("cmpl-"), int(time.time())
+        prompt_text = self._prompt_text(req) if req.echo else ""
+        state = {"started": set(), "offsets": {}, "prompt": prompt_text}
+        return _Pending(rid, self._submit(rid, ids, gen), req.stream,
+                        lambda out: self._completion_chunks(req, out, rid, created, state),
+                        lambda outs: self._completion_response(req, outs, rid, created,
+                                                               prompt_text))
 
     # -- response shapes -------------------------------------------------------------------
     def _token_str(self, token_id: int) -> str:
@@ -391,6 +413,22 @@ def _raise_if_error(out: RequestOutput) -> RequestOutput:
     return out
 
 
+@dataclass
+class _Pending:
+    """A submitted request and how its outputs become OpenAI objects."""
+
+    request_id: str
+    stream: Any                                          # _SyncStream or _AsyncStream
+    streaming: bool
+    chunks: Callable[[RequestOutput], list]              # one engine output -> stream chunks
+    response: Callable[[list[RequestOutput]], Any]       # all outputs -> the response
+
+
+class _Namespace:
+    def __init__(self, **items):
+        self.__dict__.update(items)
+
+
 # ---------------------------------------------------------------------------------------------
 # The synchronous engine
 # ---------------------------------------------------------------------------------------------
@@ -411,6 +449,27 @@ class _SyncStream:
                 return
 
 
+class _SyncCreate:
+    """`create(**openai_kwargs)` of `chat.completions` or `completions` (sync)."""
+
+    def __init__(self, engine: _EngineBase, start: Callable[[dict], _Pending]):
+        self._engine, self._start = engine, start
+
+    def create(self, **kwargs: Any):
+        """OpenAI's `create`: the response object, or with stream=True an iterator of chunks."""
+        pending = self._start(kwargs)
+        if pending.streaming:
+            return self._iterate(pending)
+        return pending.response(list(pending.stream))
+
+    def _iterate(self, pending: _Pending):
+        try:
+            for out in pending.stream:
+                yield from pending.chunks(out)
+        finally:
+            self._engine.abort(pending.request_id)  # a consumer that stops early frees KV pages
+
+
 class MLCEngine(_EngineBase):
     """The synchronous engine: `engine.chat.completions.create(...)` as in OpenAI's client.
 
@@ -421,69 +480,12 @@ class MLCEngine(_EngineBase):
     `gpu_memory_utilization`, ...), directly or through `engine_config`.
     """
 
+    _stream_class = _SyncStream
+
     def __init__(self, model: str, device: str = "auto", **kwargs: Any):
         super().__init__(model, device, **kwargs)
-        self.chat = _Namespace(completions=_SyncChatCompletions(self))
-        self.completions = _SyncCompletions(self)
-
-    def _run(self, request_id: str, ids, gen) -> _SyncStream:
-        stream = _SyncStream()
-        self._submit(request_id, ids, gen, stream)
-        return stream
-
-
-class _Namespace:
-    def __init__(self, **items):
-        self.__dict__.update(items)
-
-
-class _SyncChatCompletions:
-    def __init__(self, engine: MLCEngine):
-        self._engine = engine
-
-    def create(self, **kwargs: Any):
-        """OpenAI `chat.completions.create`: a ChatCompletion, or an iterator of chunks."""
-        e = self._engine
-        e._check_alive()
-        req, ids, gen, use_tools = e._prepare_chat(kwargs)
-        rid, created = req.request_id or P.random_id("chatcmpl-"), int(time.time())
-        stream = e._run(rid, ids, gen)
-        if req.stream:
-            return self._chunks(req, stream, rid, created, use_tools)
-        return e._chat_response(req, list(stream), rid, created, use_tools)
-
-    def _chunks(self, req, stream, rid, created, use_tools):
-        state = {"started": set(), "text": {}}
-        try:
-            for out in stream:
-                yield from self._engine._chat_chunks(req, out, rid, created, state, use_tools)
-        finally:
-            self._engine.abort(rid)  # a consumer that stops early frees the KV pages
-
-
-class _SyncCompletions:
-    def __init__(self, engine: MLCEngine):
-        self._engine = engine
-
-    def create(self, **kwargs: Any):
-        """OpenAI `completions.create`: a Completion, or an iterator of Completion chunks."""
-        e = self._engine
-        e._check_alive()
-        req, ids, gen = e._prepare_completion(kwargs)
-        rid, created = req.request_id or P.random_id("cmpl-"), int(time.time())
-        stream = e._run(rid, ids, gen)
-        prompt_text = e._prompt_text(req) if req.echo else ""
-        if req.stream:
-            return self._chunks(req, stream, rid, created, prompt_text)
-        return e._completion_response(req, list(stream), rid, created, prompt_text)
-
-    def _chunks(self, req, stream, rid, created, prompt_text):
-        state = {"started": set(), "offsets": {}, "prompt": prompt_text}
-        try:
-            for out in stream:
-                yield from self._engine._completion_chunks(req, out, rid, created, state)
-        finally:
-            self._engine.abort(rid)
+        self.chat = _Namespace(completions=_SyncCreate(self, self._start_chat))
+        self.completions = _SyncCreate(self, self._start_completion)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -507,80 +509,43 @@ class _AsyncStream:
                 return
 
 
+class _AsyncCreate:
+    """`await create(**openai_kwargs)` of `chat.completions` or `completions` (asyncio)."""
+
+    def __init__(self, engine: _EngineBase, start: Callable[[dict], _Pending]):
+        self._engine, self._start = engine, start
+
+    async def create(self, **kwargs: Any):
+        """OpenAI's `create`: the response object, or with stream=True an async iterator."""
+        pending = self._start(kwargs)
+        if pending.streaming:
+            return self._iterate(pending)
+        try:
+            outs = [out async for out in pending.stream]
+        except asyncio.CancelledError:
+            self._engine.abort(pending.request_id)
+            raise
+        return pending.response(outs)
+
+    async def _iterate(self, pending: _Pending):
+        try:
+            async for out in pending.stream:
+                for chunk in pending.chunks(out):
+                    yield chunk
+        finally:
+            self._engine.abort(pending.request_id)
+
+
 class AsyncMLCEngine(_EngineBase):
     """The asyncio engine: `await engine.chat.completions.create(...)`; concurrent requests
     are batched into the same decode steps."""
 
+    _stream_class = _AsyncStream
+
     def __init__(self, model: str, device: str = "auto", **kwargs: Any):
         super().__init__(model, device, **kwargs)
-        self.chat = _Namespace(completions=_AsyncChatCompletions(self))
-        self.completions = _AsyncCompletions(self)
-
-    def _run(self, request_id: str, ids, gen) -> _AsyncStream:
-        stream = _AsyncStream()
-        self._submit(request_id, ids, gen, stream)
-        return stream
-
-
-class _AsyncChatCompletions:
-    def __init__(self, engine: AsyncMLCEngine):
-        self._engine = engine
-
-    async def create(self, **kwargs: Any):
-        """OpenAI `chat.completions.create`: a ChatCompletion, or an async iterator of chunks."""
-        e = self._engine
-        e._check_alive()
-        req, ids, gen, use_tools = e._prepare_chat(kwargs)
-        rid, created = req.request_id or P.random_id("chatcmpl-"), int(time.time())
-        stream = e._run(rid, ids, gen)
-        if req.stream:
-            return self._chunks(req, stream, rid, created, use_tools)
-        try:
-            outs = [out async for out in stream]
-        except asyncio.CancelledError:
-            e.abort(rid)
-            raise
-        return e._chat_response(req, outs, rid, created, use_tools)
-
-    async def _chunks(self, req, stream, rid, created, use_tools):
-        state = {"started": set(), "text": {}}
-        try:
-            async for out in stream:
-                for chunk in self._engine._chat_chunks(req, out, rid, created, state, use_tools):
-                    yield chunk
-        finally:
-            self._engine.abort(rid)
-
-
-class _AsyncCompletions:
-    def __init__(self, engine: AsyncMLCEngine):
-        self._engine = engine
-
-    async def create(self, **kwargs: Any):
-        """OpenAI `completions.create`: a Completion, or an async iterator of chunks."""
-        e = self._engine
-        e._check_alive()
-        req, ids, gen = e._prepare_completion(kwargs)
-        rid, created = req.request_id or P.random_id("cmpl-"), int(time.time())
-        stream = e._run(rid, ids, gen)
-        prompt_text = e._prompt_text(req) if req.echo else ""
-        if req.stream:
-            return self._chunks(req, stream, rid, created, prompt_text)
-        try:
-            outs = [out async for out in stream]
-        except asyncio.CancelledError:
-            e.abort(rid)
-            raise
-        return e._completion_response(req, outs, rid, created, prompt_text)
-
-    async def _chunks(self, req, stream, rid, created, prompt_text):
-        state = {"started": set(), "offsets": {}, "prompt": prompt_text}
-        try:
-            async for out in stream:
-                for chunk in self._engine._completion_chunks(req, out, rid, created, state):
-                    yield chunk
-        finally:
-            self._engine.abort(rid)
+        self.chat = _Namespace(completions=_AsyncCreate(self, self._start_chat))
+        self.completions = _AsyncCreate(self, self._start_completion)
 
 
 __all__ = ["MLCEngine", "AsyncMLCEngine", "EngineConfig"]
