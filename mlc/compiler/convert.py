@@ -90,12 +90,14 @@ def convert(source: str, quantization: str = "q4f16_1", output: str | Path | Non
         config = info.config_from_hf(src.hf_config, **overrides)
         mapping = info.param_mapping(config)
         _check_tensors(src, mapping, source, model_type)
+        shard_specs = _shard_specs(info, config)
         tmp = None
         try:
             output.parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
             tmp.chmod(0o777 & ~_umask())         # mkdtemp makes it private (0700)
-            stats = _write_params(src, mapping, quant, tmp, quiet)
+            stats = _write_params(src, mapping, quant, tmp, quiet, shard_specs,
+                                  getattr(config, "tensor_parallel_shards", 1))
             names = _write_tokenizer(src, tmp)
             _chat_config(src, model_type, quant, config, names).save(tmp)
             _install(tmp, output, overwrite)
@@ -136,9 +138,30 @@ def _check_tensors(src: SourceModel, mapping: list[ParamMap], source: str, model
             f"e.g. {missing[:5]}.", param="source")
 
 
+def _shard_specs(info, config) -> dict[str, Any] | None:
+    """Which parameters split how over `tensor_parallel_shards` (None: no sharding)."""
+    import importlib
+
+    from mlc.compiler.tensor_parallel import check_shards
+
+    if getattr(config, "tensor_parallel_shards", 1) == 1:
+        return None
+    check_shards(config, ConvertError)
+    loader = importlib.import_module(info.loader)
+    if not hasattr(loader, "shard_specs"):
+        raise ConvertError(f"model_type={info.model_type} does not support tensor parallelism "
+                           "yet; use tensor_parallel_shards=1.", param="tensor_parallel_shards")
+    return loader.shard_specs(config)
+
+
 def _write_params(src: SourceModel, mapping: list[ParamMap], quant: Quantization, directory: Path,
-                  quiet: bool) -> ConvertStats:
+                  quiet: bool, shard_specs: dict[str, Any] | None = None,
+                  shards: int = 1) -> ConvertStats:
+    """Write every parameter; with `shard_specs`, a listed one as its `NAME_shard-i` pieces
+    (split before quantization; layout in `mlc.compiler.tensor_parallel`)."""
     from tqdm.auto import tqdm
+
+    from mlc.compiler.tensor_parallel import shard, shard_name
 
     dtype = np.dtype(quant.model_dtype)
     param_count = 0
@@ -150,20 +173,31 @@ def _write_params(src: SourceModel, mapping: list[ParamMap], quant: Quantization
             del arrays                                      # keep only the combined tensor
             weight = np.ascontiguousarray(weight, dtype=dtype)
             param_count += int(weight.size)
-            if pm.quantize and quant.is_quantized:
-                q_weight, q_scale = quantize_weight(weight, quant)
-                del weight
-                w_name, s_name = quantized_param_names(pm.mlc_name)
-                writer.add(w_name, q_weight)
-                writer.add(s_name, q_scale)
-                del q_weight, q_scale
+            spec = shard_specs.get(pm.mlc_name) if shard_specs else None
+            if spec is None:
+                _add_param(writer, pm, weight, quant)
             else:
-                writer.add(pm.mlc_name, weight)
-                del weight
+                pieces = shard(weight, spec, shards)
+                for i, piece in enumerate(pieces):
+                    _add_param(writer, pm, piece, quant, suffix=shard_name("", i))
+                del pieces
+            del weight
         content = writer.finish(param_count=param_count)
     meta = content["metadata"]
     return ConvertStats(param_count, meta["ParamSize"], meta["ParamBytes"], meta["BitsPerParam"],
                         0.0)
+
+
+def _add_param(writer: TensorCacheWriter, pm: ParamMap, weight: np.ndarray, quant: Quantization,
+               suffix: str = "") -> None:
+    """Quantize (when `pm` asks and `quant` does) and write one parameter as NAME + suffix."""
+    if pm.quantize and quant.is_quantized:
+        q_weight, q_scale = quantize_weight(weight, quant)
+        w_name, s_name = quantized_param_names(pm.mlc_name)
+        writer.add(w_name + suffix, q_weight)
+        writer.add(s_name + suffix, q_scale)
+    else:
+        writer.add(pm.mlc_name + suffix, weight)
 
 
 def _write_tokenizer(src: SourceModel, directory: Path) -> list[str]:

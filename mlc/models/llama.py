@@ -2,6 +2,8 @@
 
 Reads top to bottom: the config, the layers, the causal LM and its export spec.
 Parameter names follow MLC-LLM's (`qkv_proj`, `gate_up_proj`), see `llama_loader.py`.
+With `tensor_parallel_shards` N > 1 each module is one worker's 1/N (its heads and MLP
+channels) followed by an all-reduce; see `mlc.compiler.tensor_parallel`.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from mlc.errors import ConvertError
+from mlc.errors import CompileError, ConvertError
 
 logger = logging.getLogger(__name__)
 
@@ -106,14 +108,16 @@ from tvm.relax.frontend import nn  # noqa: E402
 from tvm.relax.frontend.nn import Tensor, op  # noqa: E402
 
 from mlc.compiler.quantization.nn_layers import make_embedding, make_linear  # noqa: E402
+from mlc.compiler.tensor_parallel import check_shards  # noqa: E402
 from mlc.models.common import CausalLMBase, create_kv_cache  # noqa: E402
 
 
 class Attention(nn.Module):
     def __init__(self, config: Config, quantization):
         super().__init__()
-        self.num_q_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
+        self.shards = config.tensor_parallel_shards   # > 1: this worker's heads only
+        self.num_q_heads = config.num_attention_heads // self.shards
+        self.num_kv_heads = config.num_key_value_heads // self.shards
         self.head_dim = config.head_dim
         qkv_rows = (self.num_q_heads + 2 * self.num_kv_heads) * self.head_dim
         self.qkv_proj = make_linear(config.hidden_size, qkv_rows, quantization)
@@ -126,19 +130,26 @@ class Attention(nn.Module):
                          (b, s, self.num_q_heads + 2 * self.num_kv_heads, self.head_dim))
         out = kv_cache.attention_with_fused_qkv(                # RoPE is applied inside
             layer_id, qkv, self.num_q_heads, sm_scale=self.head_dim ** -0.5)
-        return self.o_proj(op.reshape(out, (b, s, self.num_q_heads * self.head_dim)))
+        out = self.o_proj(op.reshape(out, (b, s, self.num_q_heads * self.head_dim)))
+        if self.shards > 1:                                     # sum the row-parallel parts
+            out = op.ccl_allreduce(out, "sum")
+        return out
 
 
 class MLP(nn.Module):
     def __init__(self, config: Config, quantization):
         super().__init__()
-        self.gate_up_proj = make_linear(config.hidden_size, 2 * config.intermediate_size,
-                                        quantization)
-        self.down_proj = make_linear(config.intermediate_size, config.hidden_size, quantization)
+        self.shards = config.tensor_parallel_shards   # > 1: this worker's channels only
+        intermediate = config.intermediate_size // self.shards
+        self.gate_up_proj = make_linear(config.hidden_size, 2 * intermediate, quantization)
+        self.down_proj = make_linear(intermediate, config.hidden_size, quantization)
 
     def forward(self, x: Tensor) -> Tensor:
         gate, up = op.split(self.gate_up_proj(x), 2, axis=-1)
-        return self.down_proj(op.silu(gate) * up)
+        out = self.down_proj(op.silu(gate) * up)
+        if self.shards > 1:                                     # sum the row-parallel parts
+            out = op.ccl_allreduce(out, "sum")
+        return out
 
 
 class DecoderLayer(nn.Module):
@@ -177,6 +188,7 @@ class ForCausalLM(CausalLMBase):
     """Llama with the library contract of `CausalLMBase` (embed, prefill, decode, ...)."""
 
     def __init__(self, config: Config, quantization):
+        check_shards(config, CompileError)
         super().__init__(config, quantization)
         self.model = Model(config, quantization)
         if not config.tie_word_embeddings:
@@ -199,6 +211,7 @@ class ForCausalLM(CausalLMBase):
         return create_kv_cache(
             self, max_batch_size, max_total_seq_len, prefill_chunk_size, page_size,
             support_sliding_window, num_layers=c.num_hidden_layers,
-            num_q_heads=c.num_attention_heads, num_kv_heads=c.num_key_value_heads,
+            num_q_heads=c.num_attention_heads // c.tensor_parallel_shards,
+            num_kv_heads=c.num_key_value_heads // c.tensor_parallel_shards,
             head_dim=c.head_dim, rope_theta=c.rope_theta, rope_scaling=c.rope_scaling or {},
             sliding_window=c.sliding_window_size)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from mlc.compiler.tensor_parallel import ShardSpec
 from mlc.models.registry import ParamMap
 
 
@@ -35,6 +36,26 @@ def param_mapping(config) -> list[ParamMap]:
     if not config.tie_word_embeddings:
         maps.append(ParamMap("lm_head.weight", ("lm_head.weight",), quantize=True))
     return maps
+
+
+def shard_specs(config) -> dict[str, ShardSpec]:
+    """mlc name -> how it splits over `tensor_parallel_shards` (unlisted: replicated).
+
+    Column-parallel qkv (per-shard [q, k, v]) and gate_up (per-shard [gate, up]); row-parallel
+    o_proj and down_proj. See `mlc.compiler.tensor_parallel` for the layout.
+    """
+    d, hq, hkv = config.head_dim, config.num_attention_heads, config.num_key_value_heads
+    qkv = ShardSpec(0, (hq * d, hkv * d, hkv * d))
+    gate_up = ShardSpec(0, (config.intermediate_size, config.intermediate_size))
+    rows_in = ShardSpec(1)
+    specs = {}
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}"
+        specs[f"{p}.self_attn.qkv_proj.weight"] = qkv
+        specs[f"{p}.self_attn.o_proj.weight"] = rows_in
+        specs[f"{p}.mlp.gate_up_proj.weight"] = gate_up
+        specs[f"{p}.mlp.down_proj.weight"] = rows_in
+    return specs
 
 
 # llama.cpp's names; its converter permutes the rows of q and k (see `unpermute_qk`).
