@@ -6,9 +6,11 @@ from mlc.compiler.target import DeviceTarget
 
 
 def passes(dev: DeviceTarget, opt: str) -> list:
-    """The scheduling passes for a device: dlight on GPUs, none yet on CPUs."""
+    """The scheduling passes for a device: dlight on GPUs, `cpu_schedules` on CPUs."""
     if not dev.is_gpu:
-        return []
+        from mlc.compiler import cpu_schedules
+
+        return cpu_schedules.passes(opt)
     from tvm.s_tir import dlight as dl
 
     return [dl.ApplyDefaultSchedule(

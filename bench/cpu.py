@@ -1,0 +1,272 @@
+"""CPU benchmark: SmolLM2-135M prefill (64 and 512 tokens) and decode tok/s.
+
+    python bench/cpu.py [--gguf PATH] [--quant q4f32_1,q4f16_1] [--threads 2] [--runs 5]
+                        [--prefill 64,512]
+                        [--profile] [--opt O2] [--skip-hf] [--skip-llama-cpp]
+                        [--out bench/cpu-results.json]
+
+Compares, in one run and one process: mlc (each quantization, converted from the GGUF and
+compiled for this CPU), transformers float32 (loaded from the same GGUF, torch threads =
+--threads) and llama.cpp through llama-cpp-python when it is importable (skipped otherwise).
+Each figure is the median of --runs runs. Decode is timed over 32 steps after a 64-token
+prompt. `--profile` adds a per-kernel breakdown of one mlc prefill and decode step (VM
+instrumentation; the attention kernels run inside the KV-cache builtin). Results are
+printed as a table and written as JSON with the machine, command and date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CACHE = Path(os.environ.get("MLC_BENCH_CACHE", REPO / ".cache" / "bench"))
+PREFILL_LENS = (64, 512)
+DECODE_STEPS = 32
+
+
+def _prompt(n: int, vocab: int = 49152, seed: int = 0) -> list[int]:
+    import numpy as np
+
+    return np.random.RandomState(seed).randint(100, min(vocab, 40000), size=n).tolist()
+
+
+def _record(out: dict, name: str, rates: list[float]) -> None:
+    """The median rate (the figure), and the best one: on a shared machine the best run is
+    the closer estimate of what the code does on an idle one."""
+    out[f"{name}_tok_s"] = statistics.median(rates)
+    out[f"{name}_best_tok_s"] = max(rates)
+
+
+def _gguf_default() -> Path:
+    from mlc.compiler.sources import embedded_gguf_path
+
+    return Path(embedded_gguf_path(quiet=True))
+
+
+# ------------------------------------------------------------------------------ mlc
+
+
+def prepare_mlc(gguf: Path, quantization: str, opt: str) -> tuple[Path, Path]:
+    """Convert the GGUF (once) and compile it for this CPU (once per opt); (dir, lib)."""
+    from mlc.compiler.compile import compile_model
+    from mlc.compiler.convert import convert
+
+    model_dir = CACHE / f"smollm2-{quantization}"
+    if not (model_dir / "mlc-chat-config.json").exists():
+        convert(str(gguf), quantization, model_dir, overwrite=model_dir.exists(), quiet=True)
+    lib = CACHE / f"smollm2-{quantization}-cpu-{opt}.so"
+    compile_model(model_dir, "cpu", lib, opt=opt, quiet=True)
+    return model_dir, lib
+
+
+def bench_mlc(model_dir: Path, lib: Path, runs: int, profile: bool) -> dict:
+    """Median prefill tok/s per prompt length and decode tok/s of the low-level runtime."""
+    from mlc.runtime.model import KVCacheConfig, LoadedModel
+
+    model = LoadedModel(model_dir, lib, device="cpu")
+    model.create_kv_cache(KVCacheConfig(1, 4096, 512))
+    out: dict = {}
+    seq = 0
+
+    def fresh() -> int:
+        nonlocal seq
+        seq += 1
+        model.add_sequence(seq)
+        return seq
+
+    for n in PREFILL_LENS:
+        prompt, times = _prompt(n), []
+        for _ in range(runs + 1):                       # the first run warms up
+            s = fresh()
+            t = time.perf_counter()
+            model.prefill([s], [prompt])
+            times.append(time.perf_counter() - t)
+            model.remove_sequence(s)
+        _record(out, f"prefill_{n}", [n / t for t in times[1:]])
+    steps = []
+    for _ in range(runs):
+        s = fresh()
+        tok = int(model.prefill([s], [_prompt(64)])[0].argmax())
+        t = time.perf_counter()
+        for _ in range(DECODE_STEPS):
+            tok = int(model.decode([s], [tok])[0].argmax())
+        steps.append((time.perf_counter() - t) / DECODE_STEPS)
+        model.remove_sequence(s)
+    _record(out, "decode", [1 / t for t in steps])
+    if profile:
+        out["profile"] = profile_mlc(model, fresh)
+    return out
+
+
+def profile_mlc(model, fresh) -> dict:
+    """Milliseconds per VM call symbol for one 64-token prefill and one decode step."""
+    result = {}
+    for phase in ("prefill_64", "decode"):
+        stats: dict = collections.defaultdict(lambda: [0, 0.0])
+        start: dict = {}
+
+        def instrument(_func, symbol, before, _ret, *_args):
+            if before:
+                start[symbol] = time.perf_counter()
+            else:
+                stats[symbol][0] += 1
+                stats[symbol][1] += time.perf_counter() - start[symbol]
+            return 0
+
+        s = fresh()
+        steps = 8 if phase == "decode" else 1
+        if phase == "decode":
+            model.prefill([s], [_prompt(64)])
+        model.vm.set_instrument(instrument)
+        t = time.perf_counter()
+        for _ in range(steps):
+            if phase == "decode":
+                model.decode([s], [5])
+            else:
+                model.prefill([s], [_prompt(64)])
+        total = (time.perf_counter() - t) / steps
+        model.vm.set_instrument(lambda *a: 0)
+        model.remove_sequence(s)
+        top = sorted(stats.items(), key=lambda kv: -kv[1][1])[:12]
+        result[phase] = {"total_ms": total * 1e3, "calls": {
+            sym: {"calls": c // steps, "ms": t / steps * 1e3} for sym, (c, t) in top}}
+    return result
+
+
+# ------------------------------------------------------------------------------ references
+
+
+def bench_transformers(gguf: Path, threads: int, runs: int) -> dict:
+    """transformers float32 (dequantized from the GGUF), greedy decode with its KV cache."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(threads)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                 torch_dtype=torch.float32).eval()
+    out = {}
+    with torch.inference_mode():
+        for n in PREFILL_LENS:
+            ids = torch.tensor([_prompt(n)])
+            times = []
+            for _ in range(runs + 1):
+                t = time.perf_counter()
+                model(ids, use_cache=True)
+                times.append(time.perf_counter() - t)
+            _record(out, f"prefill_{n}", [n / t for t in times[1:]])
+        steps = []
+        for _ in range(runs):
+            res = model(torch.tensor([_prompt(64)]), use_cache=True)
+            past, tok = res.past_key_values, res.logits[:, -1:].argmax(-1)
+            t = time.perf_counter()
+            for _ in range(DECODE_STEPS):
+                res = model(tok, past_key_values=past, use_cache=True)
+                past, tok = res.past_key_values, res.logits[:, -1:].argmax(-1)
+            steps.append((time.perf_counter() - t) / DECODE_STEPS)
+        _record(out, "decode", [1 / t for t in steps])
+    return out
+
+
+def bench_llama_cpp(gguf: Path, threads: int, runs: int) -> dict | None:
+    """llama.cpp (llama-cpp-python) on the same GGUF; None when it is not installed."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    llm = Llama(model_path=str(gguf), n_ctx=1024, n_threads=threads, n_batch=512,
+                verbose=False)
+    out = {}
+    for n in PREFILL_LENS:
+        prompt, times = _prompt(n), []
+        for _ in range(runs + 1):
+            llm.reset()
+            t = time.perf_counter()
+            llm.eval(prompt)
+            times.append(time.perf_counter() - t)
+        _record(out, f"prefill_{n}", [n / t for t in times[1:]])
+    steps = []
+    for _ in range(runs):
+        llm.reset()
+        llm.eval(_prompt(64))
+        t = time.perf_counter()
+        for _ in range(DECODE_STEPS):
+            llm.eval([int(llm.scores[llm.n_tokens - 1].argmax())])
+        steps.append((time.perf_counter() - t) / DECODE_STEPS)
+    _record(out, "decode", [1 / t for t in steps])
+    return out
+
+
+# ------------------------------------------------------------------------------ main
+
+
+def _machine() -> dict:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version(), "load_avg_at_start": load}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--gguf", type=Path, default=None)
+    ap.add_argument("--quant", default="q4f32_1,q4f16_1")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--opt", default="O2")
+    ap.add_argument("--prefill", default="64,512", help="prompt lengths to time")
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--skip-hf", action="store_true", help="skip transformers")
+    ap.add_argument("--skip-llama-cpp", action="store_true")
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "cpu-results.json")
+    args = ap.parse_args(argv)
+    os.environ["TVM_NUM_THREADS"] = str(args.threads)   # read when TVM's pool starts
+    global PREFILL_LENS
+    PREFILL_LENS = tuple(int(n) for n in args.prefill.split(","))
+    gguf = args.gguf or _gguf_default()
+    rows: dict[str, dict | None] = {}
+    for q in filter(None, args.quant.split(",")):
+        model_dir, lib = prepare_mlc(gguf, q, args.opt)
+        rows[f"mlc {q} ({args.opt})"] = bench_mlc(model_dir, lib, args.runs, args.profile)
+        print(f"  done: mlc {q}", flush=True)
+    if not args.skip_hf:
+        rows["transformers float32"] = bench_transformers(gguf, args.threads, args.runs)
+    if not args.skip_llama_cpp:
+        rows["llama.cpp (llama-cpp-python)"] = bench_llama_cpp(gguf, args.threads, args.runs)
+    cols = [f"prefill_{n}_tok_s" for n in PREFILL_LENS] + ["decode_tok_s"]
+    print(f"\nSmolLM2-135M on {_machine()['cpu']}, {args.threads} threads, "
+          f"median of {args.runs} runs (tok/s)")
+    print(f"| engine | {' | '.join(c.replace('_tok_s', '') for c in cols)} |"
+          "  (median; best run in parentheses)")
+    print(f"|---|{'---|' * len(cols)}")
+    for name, row in rows.items():
+        cells = ["skipped (not installed)"] * len(cols) if row is None else \
+            [f"{row[c]:.1f} ({row[c.replace('_tok_s', '_best_tok_s')]:.0f})" for c in cols]
+        print(f"| {name} | {' | '.join(cells)} |")
+    record = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
+              "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
+              "machine": _machine(), "threads": args.threads, "runs": args.runs,
+              "gguf": str(gguf), "results": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""The CPU schedules (mlc/compiler/cpu_schedules.py) change speed, not results: scheduled
+kernels and libraries match unscheduled ones (opt O0) on random inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from helpers import build_lib, load_model, make_tiny_llama, max_rel_diff, write_mlc_dir
+
+TOL = 1e-4
+
+
+# ------------------------------------------------------------------------------ kernels
+
+
+def _q4_func(rows, n, k):
+    from tvm import te, tirx
+
+    from mlc.compiler.quantization.nn_layers import _q4_matmul_nt
+
+    m = tirx.Var("seq_len", "int64") if rows is None else rows
+    x = te.placeholder((1, m, k), "float32", name="x")
+    w = te.placeholder((n, k // 8), "uint32", name="w")
+    s = te.placeholder((n, k // 32), "float32", name="s")
+    b = te.placeholder((1, m, n), "float32", name="b")
+    y = _q4_matmul_nt(x, w, s, k, "float32")
+    out = te.compute(y.shape, lambda *i: y(*i) + b(*i), name="add")   # a fused epilogue
+    return te.create_prim_func([x, w, s, b, out])
+
+
+def _run(func, rows, n, k, seed=0):
+    import tvm
+
+    from mlc.compiler.target import parse_device
+
+    target = parse_device("cpu").tvm_target()
+    lib = tvm.tirx.build(func, target=target)
+    rng = np.random.RandomState(seed)
+    args = [rng.randn(1, rows, k).astype("float32"),
+            rng.randint(0, 2**32, size=(n, k // 8), dtype="uint64").astype("uint32"),
+            (rng.rand(n, k // 32) * 0.1).astype("float32"),
+            rng.randn(1, rows, n).astype("float32"), np.zeros((1, rows, n), "float32")]
+    tensors = [tvm.runtime.tensor(a) for a in args]
+    lib(*tensors)
+    return tensors[-1].numpy()
+
+
+@pytest.mark.parametrize("rows,n,k", [(1, 960, 576),      # SmolLM2 decode qkv
+                                      (1, 576, 1536),     # decode down_proj
+                                      (None, 576, 1536),  # prefill, symbolic rows
+                                      (None, 3072, 576)])
+def test_q4_matmul_kernel_matches_unscheduled(rows, n, k):
+    from mlc.compiler.cpu_schedules import schedule_func
+
+    func = _q4_func(rows, n, k)
+    scheduled = schedule_func(func)
+    assert scheduled is not None, "the matmul rule must apply"
+    assert "T.parallel" in scheduled.script() and "T.vectorized" in scheduled.script()
+    for r in ([1] if rows == 1 else [1, 7, 64]):       # 7: not a multiple of the row tile
+        ref, ours = _run(func, r, n, k), _run(scheduled, r, n, k)
+        assert max_rel_diff(ours, ref) < TOL
+
+
+def test_attention_kernels_made_parallel():
+    """The CPU prefill attention kernels get a parallel loop and a tight row loop."""
+    from mlc.compiler import cpu_schedules as cs
+    from mlc.compiler.quantization import get_quantization
+    from mlc.compiler.target import parse_device
+    from mlc.models.registry import get_model
+
+    info = get_model("llama")
+    config = info.config_from_dict(dict(
+        hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+        num_hidden_layers=1, vocab_size=64, prefill_chunk_size=32, context_window_size=64))
+    model = info.build(config, get_quantization("q0f32"))
+    with parse_device("cpu").tvm_target():
+        mod, _ = model.export_tvm(spec=model.get_default_spec("llvm"))
+    funcs = {gv.name_hint: f for gv, f in mod.functions.items()}
+    for name in ("batch_prefill_ragged_kv", "batch_prefill_paged_kv_cpu"):
+        new = cs.parallel_attention(name, funcs[name])
+        assert new is not None and "T.parallel" in new.script(), name
+    paged = cs.parallel_attention("batch_prefill_paged_kv_cpu",
+                                  funcs["batch_prefill_paged_kv_cpu"]).script()
+    assert "max_num_pages * 16" not in paged
+
+
+def _build(func, name):
+    import tvm
+
+    from mlc.compiler.target import parse_device
+
+    mod = tvm.IRModule({name: func.with_attr("global_symbol", name)})
+    return tvm.tirx.build(mod, target=parse_device("cpu").tvm_target())[name]
+
+
+def _tensors(*arrays):
+    import tvm
+
+    return [tvm.runtime.tensor(np.ascontiguousarray(a)) for a in arrays]
+
+
+@pytest.mark.parametrize("dtype,tol", [("float32", TOL), ("float16", 2e-3)])
+def test_decode_attention_matches_tvm_kernel(dtype, tol):
+    """mlc's decode kernel against TVM's, SmolLM2 heads (9 query, 3 KV, dim 64), two
+    sequences with 37 and 16 cached tokens in scattered pages."""
+    from tvm.relax.frontend.nn.llm._decode_kernels import _attention_decode_cpu
+
+    from mlc.compiler.cpu_attention import decode_kernel
+
+    rng = np.random.RandomState(0)
+    order = rng.permutation(8).astype("int32")
+    indptr = np.array([0, 3, 4], "int32")
+    values = order[:4].copy()
+    last = np.array([37 - 32, 16], "int32")
+    pages = rng.randn(8, 2, 3, 16, 64).astype(dtype)
+    q = rng.randn(2, 9, 64).astype(dtype)
+    zeros = np.zeros(2, "int32")
+    outs = []
+    for func in (_attention_decode_cpu(3, 9, 64, dtype, False, {}),
+                 decode_kernel(9, 3, 64, dtype)):
+        out, lse = np.zeros((2, 9, 64), dtype), np.zeros((2, 9), "float32")
+        args = _tensors(q, pages, indptr, values, last, zeros, zeros, out, lse)
+        _build(func, "batch_decode_paged_kv_cpu")(*args, 0, 1.0, 10000.0, 0.125)
+        outs.append((args[-2].numpy(), args[-1].numpy()))
+    (ref_o, ref_l), (o, lse) = outs
+    assert max_rel_diff(o, ref_o) < tol and max_rel_diff(lse, ref_l) < tol
+
+
+@pytest.mark.parametrize("causal,dtype,tol", [(1, "float32", TOL), (0, "float32", TOL),
+                                              (1, "float16", 2e-3)])
+def test_prefill_ragged_attention_matches_tvm_kernel(causal, dtype, tol):
+    """mlc's ragged prefill kernel against TVM's: a batch of two chunks (5 queries on 21
+    keys, 40 queries on 40 keys), SmolLM2 heads."""
+    from tvm.relax.frontend.nn.llm._prefill_kernels import _attention_prefill_ragged_cpu
+
+    from mlc.compiler.cpu_attention import prefill_ragged_kernel
+
+    rng = np.random.RandomState(1)
+    q_indptr, kv_indptr = np.array([0, 5, 45], "int32"), np.array([0, 21, 61], "int32")
+    q = rng.randn(45, 9, 64).astype(dtype)
+    k, v = rng.randn(61, 3, 64).astype(dtype), rng.randn(61, 3, 64).astype(dtype)
+    pos, off = np.zeros(45, "int32"), np.zeros(2, "int32")
+    outs = []
+    for func in (_attention_prefill_ragged_cpu(3, 9, 64, 64, dtype, {}),
+                 prefill_ragged_kernel(9, 3, 64, dtype)):
+        out, lse = np.zeros((45, 9, 64), dtype), np.zeros((45, 9), "float32")
+        args = _tensors(q, q_indptr, k, v, kv_indptr, pos, off, out, lse)
+        _build(func, "batch_prefill_ragged_kv")(*args, causal, 0, 1.0, 10000.0, 0.125)
+        outs.append((args[-2].numpy(), args[-1].numpy()))
+    (ref_o, ref_l), (o, lse) = outs
+    assert max_rel_diff(o, ref_o) < tol and max_rel_diff(lse, ref_l) < tol
+
+
+# ------------------------------------------------------------------------------ libraries
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cpu-sched")
+    hf_model, hf_dir = make_tiny_llama(tmp)
+    return hf_model, hf_dir, tmp
+
+
+def _logits(mlc_dir, lib, prompt, steps):
+    """Prefill in two chunks (the second sees a KV history), decode `steps` tokens, and a
+    batch of two sequences (batch_prefill + batch_decode)."""
+    model = load_model(mlc_dir, lib, prefill_chunk_size=64)
+    out = []
+    model.add_sequence(0)
+    out.append(model.prefill([0], [prompt[:13]]))
+    out.append(model.prefill([0], [prompt[13:]]))
+    tok = int(out[-1][0].argmax())
+    for _ in range(steps):
+        out.append(model.decode([0], [tok]))
+        tok = int(out[-1][0].argmax())
+    model.add_sequence(1)
+    model.add_sequence(2)
+    out.append(model.prefill([1, 2], [prompt[:9], prompt[3:20]]))
+    out.append(model.decode([1, 2], [5, 7]))
+    return np.concatenate([o.reshape(-1, o.shape[-1]) for o in out])
+
+
+@pytest.mark.parametrize("quantization", ["q0f32", "q4f32_1"])
+def test_scheduled_library_matches_O0(tiny, quantization):
+    hf_model, hf_dir, tmp = tiny
+    mlc_dir = write_mlc_dir(hf_model, tmp / quantization, quantization, hf_dir=hf_dir,
+                            prefill_chunk_size=64)
+    prompt = np.random.RandomState(1).randint(3, 300, size=37).tolist()
+    ref = _logits(mlc_dir, build_lib(mlc_dir, opt="O0"), prompt, steps=5)
+    ours = _logits(mlc_dir, build_lib(mlc_dir, opt="O2"), prompt, steps=5)
+    assert np.isfinite(ours).all()
+    assert max_rel_diff(ours, ref) < TOL
