@@ -242,3 +242,30 @@ def test_prefill_logits_match_transformers_fp32(model_pair, tokenizer, gpu_asset
                        "argmax_equal": int(ours.argmax()) == int(ref.argmax())})
         assert rel < PREFILL_TOLERANCE, f"{quant}: {rel}"
     Path(gpu_assets, f"gpu-vs-transformers-{quant}.json").write_text(json.dumps(report, indent=1))
+
+
+@pytest.mark.parametrize("quant", ["q4f16_1", "q0f16"])
+def test_tiny_random_model_prefill_matches_transformers_fp32(gpu_assets, quant):
+    """A tiny random Llama (untied, GQA) on CUDA against transformers float32 on its weights."""
+    import torch
+
+    model_dir = gpu_assets / f"tiny-{quant}"
+    if not model_dir.is_dir():
+        pytest.skip("no tiny model among the GPU assets")
+    model = LoadedModel(model_dir, gpu_assets / f"tiny-{quant}-cuda.so", "cuda")
+    model.create_kv_cache(KVCacheConfig(4, 512, 128))
+    hf = hf_model_from_mlc(model_dir)
+    rng = np.random.default_rng(1)
+    report = []
+    for n in (3, 17, 100):
+        ids = rng.integers(0, model.vocab_size, n).tolist()
+        model.add_sequence(0)
+        ours = model.prefill([0], [ids])[0]
+        model.remove_sequence(0)
+        with torch.no_grad():
+            ref = hf(torch.tensor([ids])).logits[0, -1].numpy()
+        rel = float(np.abs(ours - ref).max() / (ref.max() - ref.min()))
+        report.append({"prompt_tokens": n, "max_abs_diff_over_range": rel})
+        assert rel < PREFILL_TOLERANCE, f"tiny {quant}, {n} tokens: {rel}"
+    Path(gpu_assets, f"tiny-gpu-vs-transformers-{quant}.json").write_text(
+        json.dumps(report, indent=1))
