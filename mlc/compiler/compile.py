@@ -209,6 +209,7 @@ def compile_model(model_dir: str | Path, device: str, output: str | Path,
 
 def build_library(info, config, chat, quantization, dev: DeviceTarget, opt: str):
     """Export the nn.Module, run the pipeline, build. Returns (executable, metadata)."""
+    import tvm
     from tvm import relax
 
     target = dev.tvm_target()
@@ -218,7 +219,11 @@ def build_library(info, config, chat, quantization, dev: DeviceTarget, opt: str)
     metadata = library_metadata(chat, config, quantization, named_params, dev, opt)
     mod = _attach_shape_bounds(mod, config)
     mod = _attach_metadata(mod, metadata)
-    ex = relax.build(mod, target, relax_pipeline=build_pipeline(dev, opt))
+    # CUDA graphs: RewriteCUDAGraph captures the static-shape regions (batch-1 decode) so a
+    # token costs a few graph launches per layer instead of ~15 kernel launches.
+    config = {"relax.backend.use_cuda_graph": dev.kind == "cuda" and opt in ("O2", "O3")}
+    with tvm.transform.PassContext(config=config):
+        ex = relax.build(mod, target, relax_pipeline=build_pipeline(dev, opt))
     return ex, metadata
 
 

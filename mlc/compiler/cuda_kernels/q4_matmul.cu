@@ -288,14 +288,14 @@ void gemm_nt(const half* x, const half* w, void* out, bool out_f32, int M, int N
   TVM_FFI_ICHECK_EQ(status, 0) << "cublasGemmEx failed with status " << status;
 }
 
-// A per-device float16 workspace for dequantized weights (grows to the largest layer).
+// A per-device float16 workspace for dequantized weights (grows to the largest layer). A
+// smaller buffer it outgrew is kept, not freed: a captured CUDA graph may still point at it.
 half* workspace(int device, size_t elems) {
   static std::mutex mu;
   static std::unordered_map<int, std::pair<half*, size_t>> spaces;
   std::lock_guard<std::mutex> lock(mu);
   auto& entry = spaces[device];
   if (entry.second < elems) {
-    if (entry.first) MLC_CUDA_CHECK(cudaFree(entry.first));
     MLC_CUDA_CHECK(cudaMalloc(&entry.first, elems * sizeof(half)));
     entry.second = elems;
   }
