@@ -99,3 +99,17 @@ def smol_engine_dir(smollm2_dir, tmp_path_factory) -> Path:
         (out / item.name).symlink_to(item)
     (out / "lib-cpu.so").symlink_to(lib)
     return out
+
+
+@pytest.fixture
+def slow_decode(monkeypatch):
+    """Make an engine's decode steps take >= `seconds`, so a test can act mid-request."""
+    def apply(engine, seconds=0.01):
+        real = engine.model.decode
+
+        def slow(*args, **kwargs):
+            time.sleep(seconds)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(engine.model, "decode", slow)
+    return apply

@@ -120,20 +120,6 @@ def assert_idle_and_freed(engine, initial_pages: int) -> None:
                what=f"KV pages to be freed ({engine.model.free_pages()} != {initial_pages})")
 
 
-@pytest.fixture
-def slow_decode(monkeypatch):
-    """Make an engine's decode steps take >= `seconds`, so a test can act mid-request."""
-    def apply(engine, seconds=0.01):
-        real = engine.model.decode
-
-        def slow(*args, **kwargs):
-            time.sleep(seconds)
-            return real(*args, **kwargs)
-
-        monkeypatch.setattr(engine.model, "decode", slow)
-    return apply
-
-
 # ------------------------------------------------------------------------------ API shapes
 
 

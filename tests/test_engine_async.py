@@ -37,19 +37,6 @@ def engine(tiny):
     eng.terminate()
 
 
-@pytest.fixture
-def slow_decode(monkeypatch):
-    def apply(engine, seconds=0.01):
-        real = engine.model.decode
-
-        def slow(*args, **kwargs):
-            time.sleep(seconds)
-            return real(*args, **kwargs)
-
-        monkeypatch.setattr(engine.model, "decode", slow)
-    return apply
-
-
 def args(prompt, **kwargs):
     out = dict(messages=[{"role": "user", "content": prompt}], temperature=0, max_tokens=16,
                ignore_eos=True)
