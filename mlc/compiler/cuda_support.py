@@ -28,10 +28,21 @@ def nvcc_path() -> str | None:
     return shutil.which("nvcc")
 
 
+def kernels_available() -> bool:
+    """Whether mlc's CUDA kernels can be built here (nvcc and the static CUDA runtime found,
+    MLC_CUDA_KERNELS not 0); without them CUDA libraries use TVM's kernels only."""
+    if os.environ.get("MLC_CUDA_KERNELS", "1") == "0" or nvcc_path() is None:
+        return False
+    try:
+        cudart_static(nvcc_path())
+    except CompileError:
+        return False
+    return True
+
+
 def cuda_kernels_enabled(dev: DeviceTarget) -> bool:
-    """Whether this build uses mlc's CUDA kernels (CUDA target, nvcc present, not disabled)."""
-    return (dev.kind == "cuda" and os.environ.get("MLC_CUDA_KERNELS", "1") != "0"
-            and nvcc_path() is not None)
+    """Whether this build uses mlc's CUDA kernels."""
+    return dev.kind == "cuda" and kernels_available()
 
 
 def _cuda_root(nvcc: str) -> Path:

@@ -8,8 +8,6 @@ Dequantization and the matmul are ONE tensor-expression compute, so a single ker
 
 from __future__ import annotations
 
-import os
-
 from tvm import relax as rx
 from tvm import te, tirx
 from tvm.relax.frontend import nn
@@ -65,11 +63,11 @@ def _use_mlc_cuda_kernels(x: Tensor) -> bool:
     """On CUDA, float16 linears call mlc's kernels (fused q4 GEMV / cuBLAS) when built in."""
     from tvm.target import Target
 
-    from mlc.compiler.cuda_support import nvcc_path
+    from mlc.compiler.cuda_support import kernels_available
 
     target = Target.current(allow_none=True)
     return (target is not None and target.kind.name == "cuda" and x.dtype == "float16"
-            and os.environ.get("MLC_CUDA_KERNELS", "1") != "0" and nvcc_path() is not None)
+            and kernels_available())
 
 
 def _extern_linear(func: str, x: Tensor, weights: list[Tensor], out_features: int,
