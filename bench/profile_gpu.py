@@ -1,0 +1,80 @@
+"""Per-call profile of a model library on the GPU: the VM's instrumentation hook around every
+call (kernel, CUDA graph launch, builtin), with a device sync on both sides so each call's time
+includes its GPU work. Shows where a decode step and a prefill chunk spend their time.
+
+    python bench/profile_gpu.py MODEL_DIR --model-lib LIB [--dummy] [--prefill 2048]
+"""
+
+import argparse
+import collections
+import json
+import time
+
+import numpy as np
+
+from mlc.runtime.model import KVCacheConfig, LoadedModel
+
+
+def profile(model: LoadedModel, run, steps: int) -> dict:
+    """Milliseconds per call symbol, per step, sorted by total time."""
+    stats: dict = collections.defaultdict(lambda: [0, 0.0])
+    start: dict = {}
+
+    def instrument(_func, symbol, before, _ret, *_args):
+        model.device.sync()
+        if before:
+            start[symbol] = time.perf_counter()
+        else:
+            stats[symbol][0] += 1
+            stats[symbol][1] += time.perf_counter() - start[symbol]
+        return 0
+
+    model.vm.set_instrument(instrument)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        run()
+    total = (time.perf_counter() - t0) / steps
+    model.vm.set_instrument(lambda *a: 0)
+    top = sorted(stats.items(), key=lambda kv: -kv[1][1])[:25]
+    return {"total_ms_instrumented": total * 1e3,
+            "calls": {s: {"calls": c // steps, "ms": t / steps * 1e3} for s, (c, t) in top}}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("model")
+    p.add_argument("--model-lib", required=True)
+    p.add_argument("--dummy", action="store_true")
+    p.add_argument("--prefill", type=int, default=2048)
+    p.add_argument("--json")
+    a = p.parse_args()
+    m = LoadedModel(a.model, a.model_lib, "cuda", dummy=a.dummy)
+    m.create_kv_cache(KVCacheConfig(4, a.prefill + 640, m.metadata["prefill_chunk_size"]))
+    rng = np.random.default_rng(0)
+    m.add_sequence(0)
+    m.prefill([0], [rng.integers(0, m.vocab_size, 512).tolist()])
+    for _ in range(3):
+        m.decode([0], [1])                     # warm up, CUDA graph capture
+    t0 = time.perf_counter()
+    for _ in range(20):
+        m.decode([0], [1])
+    plain = (time.perf_counter() - t0) / 20 * 1e3
+    out = {"decode_ms_uninstrumented": plain,
+           "decode": profile(m, lambda: m.decode([0], [1]), 5)}
+    ids = rng.integers(0, m.vocab_size, a.prefill).tolist()
+
+    def prefill():
+        m.add_sequence(1)
+        m.prefill([1], [ids])
+        m.remove_sequence(1)
+
+    prefill()
+    out["prefill"] = profile(m, prefill, 1)
+    print(json.dumps(out, indent=1))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
