@@ -52,10 +52,18 @@ def _load_module(lib_path: str | Path):
     try:
         return tvm.runtime.load_module(str(lib_path))
     except Exception as e:
+        text = str(e).strip()
+        for kind in ("cuda", "opencl", "vulkan", "metal", "rocm"):
+            if "{" + kind + "}" in text:
+                raise ModelLoadError(
+                    f"{lib_path} is a {kind} library, and this machine cannot run {kind} code "
+                    f"(no usable device or driver, or TVM's {kind} runtime is missing). Use a "
+                    f"library built with `mlc compile MODEL_DIR --device cpu`, or run on a "
+                    f"machine with that device.", param="model_lib") from e
         raise ModelLoadError(
-            f"Cannot load model library {lib_path}: {str(e).strip().splitlines()[-1][:300]}. "
-            "A CUDA library needs an NVIDIA GPU and driver; a library built for another "
-            "machine or TVM version must be rebuilt with `mlc compile`.") from e
+            f"Cannot load model library {lib_path}: {text.splitlines()[-1][:300]}. A library "
+            "built for another machine or TVM version must be rebuilt with `mlc compile`.",
+            param="model_lib") from e
 
 
 def check_library_matches(metadata: dict, chat: ChatConfig, cache: TensorCache) -> None:
