@@ -660,15 +660,19 @@ def test_modes_and_explicit_overrides(tiny):
                 prefill_chunk_size=32)[:3] == (2, 128, 32)
     assert plan(engine_config=EngineConfig(mode="interactive", max_batch_size=3))[:3] == \
         (3, ctx, ctx)
-    # server: the library's batch bound, and as many KV tokens as the memory budget allows
-    # (a small utilization keeps the test's cache at about 64k tokens).
+    # server: the library's batch bound, and as many KV tokens as the memory budget allows, up
+    # to a full context window per sequence (64 x 256 = 16384 here); a utilization that leaves
+    # room for about 64k tokens hits that cap, one for about 8k tokens does not.
     probe = plan(mode="interactive")[3]
     util = (probe.weight_bytes + probe.activation_bytes
             + 65536 * probe.kv_bytes_per_token) / host_memory_bytes()
     batch, total, chunk, p = plan(mode="server", gpu_memory_utilization=util)
-    budget = int(p.device_bytes * util) - p.weight_bytes - p.activation_bytes
-    assert (batch, chunk) == (64, ctx) and total == budget // p.kv_bytes_per_token
-    assert 30000 < total < 100000 and p.context_window_size == ctx
+    assert (batch, chunk) == (64, ctx) and total == 64 * ctx and p.context_window_size == ctx
+    small = (probe.weight_bytes + probe.activation_bytes
+             + 8192 * probe.kv_bytes_per_token) / host_memory_bytes()
+    batch, total, chunk, p = plan(mode="server", gpu_memory_utilization=small)
+    budget = int(p.device_bytes * small) - p.weight_bytes - p.activation_bytes
+    assert total == budget // p.kv_bytes_per_token and 4000 < total < 16384
 
 
 def test_max_batch_size_above_library_bound_is_refused(tiny):

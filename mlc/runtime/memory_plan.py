@@ -97,8 +97,8 @@ def plan_memory(metadata: dict, weight_bytes: int, device, mode: str,
     defaults = {"local": (4, ctx, ctx), "interactive": (1, ctx, ctx)}
     if mode in defaults:
         batch, total, chunk = defaults[mode]
-    else:  # server: as many tokens as the budget allows
-        batch, total, chunk = lib_batch, kv_capacity, lib_chunk
+    else:  # server: as many tokens as the budget allows, up to a full context per sequence
+        batch, total, chunk = lib_batch, min(kv_capacity, lib_batch * ctx), lib_chunk
     batch = max_batch_size or batch
     total = max_total_sequence_length or total
     chunk = prefill_chunk_size or chunk
