@@ -129,8 +129,10 @@ def test_mlc_llm_alias_exports_the_engines():
     from mlc_llm import MLCEngine as AliasEngine
     from mlc_llm.serve import AsyncMLCEngine as AliasAsync
     from mlc_llm.serve import EngineConfig as AliasConfig
+    from mlc_llm.serve.config import EngineConfig as ConfigModule
     assert AliasEngine is MLCEngine and AliasAsync is AsyncMLCEngine
     assert AliasConfig is EngineConfig and mlc_llm.MLCEngine is MLCEngine
+    assert ConfigModule is EngineConfig
 
 
 def test_non_stream_response_has_openai_shape(engine):
