@@ -17,7 +17,6 @@ printed as a table and written as JSON with the machine, command and date.
 from __future__ import annotations
 
 import argparse
-import collections
 import datetime
 import json
 import os
@@ -109,36 +108,18 @@ def bench_mlc(model_dir: Path, lib: Path, runs: int, profile: bool) -> dict:
 
 def profile_mlc(model, fresh) -> dict:
     """Milliseconds per VM call symbol for one 64-token prefill and one decode step."""
+    from mlc.runtime.bench import profile_vm_calls
+
     result = {}
     for phase in ("prefill_64", "decode"):
-        stats: dict = collections.defaultdict(lambda: [0, 0.0])
-        start: dict = {}
-
-        def instrument(_func, symbol, before, _ret, *_args):
-            if before:
-                start[symbol] = time.perf_counter()
-            else:
-                stats[symbol][0] += 1
-                stats[symbol][1] += time.perf_counter() - start[symbol]
-            return 0
-
         s = fresh()
-        steps = 8 if phase == "decode" else 1
         if phase == "decode":
             model.prefill([s], [_prompt(64)])
-        model.vm.set_instrument(instrument)
-        t = time.perf_counter()
-        for _ in range(steps):
-            if phase == "decode":
-                model.decode([s], [5])
-            else:
-                model.prefill([s], [_prompt(64)])
-        total = (time.perf_counter() - t) / steps
-        model.vm.set_instrument(lambda *a: 0)
+            run, steps = (lambda: model.decode([s], [5])), 8
+        else:
+            run, steps = (lambda: model.prefill([s], [_prompt(64)])), 1
+        result[phase] = profile_vm_calls(model, run, steps, top=12)
         model.remove_sequence(s)
-        top = sorted(stats.items(), key=lambda kv: -kv[1][1])[:12]
-        result[phase] = {"total_ms": total * 1e3, "calls": {
-            sym: {"calls": c // steps, "ms": t / steps * 1e3} for sym, (c, t) in top}}
     return result
 
 

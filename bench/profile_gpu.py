@@ -6,38 +6,13 @@ includes its GPU work. Shows where a decode step and a prefill chunk spend their
 """
 
 import argparse
-import collections
 import json
 import time
 
 import numpy as np
 
+from mlc.runtime.bench import profile_vm_calls
 from mlc.runtime.model import KVCacheConfig, LoadedModel
-
-
-def profile(model: LoadedModel, run, steps: int) -> dict:
-    """Milliseconds per call symbol, per step, sorted by total time."""
-    stats: dict = collections.defaultdict(lambda: [0, 0.0])
-    start: dict = {}
-
-    def instrument(_func, symbol, before, _ret, *_args):
-        model.device.sync()
-        if before:
-            start[symbol] = time.perf_counter()
-        else:
-            stats[symbol][0] += 1
-            stats[symbol][1] += time.perf_counter() - start[symbol]
-        return 0
-
-    model.vm.set_instrument(instrument)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        run()
-    total = (time.perf_counter() - t0) / steps
-    model.vm.set_instrument(lambda *a: 0)
-    top = sorted(stats.items(), key=lambda kv: -kv[1][1])[:25]
-    return {"total_ms_instrumented": total * 1e3,
-            "calls": {s: {"calls": c // steps, "ms": t / steps * 1e3} for s, (c, t) in top}}
 
 
 def main() -> None:
@@ -60,7 +35,7 @@ def main() -> None:
         m.decode([0], [1])
     plain = (time.perf_counter() - t0) / 20 * 1e3
     out = {"decode_ms_uninstrumented": plain,
-           "decode": profile(m, lambda: m.decode([0], [1]), 5)}
+           "decode": profile_vm_calls(m, lambda: m.decode([0], [1]), 5)}
     ids = rng.integers(0, m.vocab_size, a.prefill).tolist()
 
     def prefill():
@@ -69,7 +44,7 @@ def main() -> None:
         m.remove_sequence(1)
 
     prefill()
-    out["prefill"] = profile(m, prefill, 1)
+    out["prefill"] = profile_vm_calls(m, prefill, 1)
     print(json.dumps(out, indent=1))
     if a.json:
         with open(a.json, "w") as f:

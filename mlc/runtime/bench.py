@@ -54,6 +54,35 @@ def _median_time(fn, runs: int) -> float:
     return statistics.median(times)
 
 
+def profile_vm_calls(model: LoadedModel, run, steps: int, top: int = 25) -> dict:
+    """Milliseconds per VM call symbol (kernel, CUDA graph launch, builtin) per step of
+    `run()`, through the VM's instrumentation hook, with a device sync on both sides of each
+    call so its time includes its device work. Sorted by total time."""
+    stats: dict = {}
+    start: dict = {}
+
+    def instrument(_func, symbol, before, _ret, *_args):
+        model.device.sync()
+        if before:
+            start[symbol] = time.perf_counter()
+        else:
+            calls, seconds = stats.get(symbol, (0, 0.0))
+            stats[symbol] = (calls + 1, seconds + time.perf_counter() - start[symbol])
+        return 0
+
+    model.vm.set_instrument(instrument)
+    t0 = time.perf_counter()
+    try:
+        for _ in range(steps):
+            run()
+    finally:
+        model.vm.set_instrument(lambda *a: 0)
+    total = (time.perf_counter() - t0) / steps
+    ranked = sorted(stats.items(), key=lambda kv: -kv[1][1])[:top]
+    return {"total_ms": total * 1e3,
+            "calls": {s: {"calls": c // steps, "ms": t / steps * 1e3} for s, (c, t) in ranked}}
+
+
 def bench_model(model: LoadedModel, name: str, prompt_lengths=(128, 512, 2048),
                 decode_tokens: int = 256, batches=(1, 8, 32, 64), runs: int = 5,
                 seed: int = 0, prefill_chunk: int | None = None) -> BenchResult:
