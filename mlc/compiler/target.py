@@ -8,6 +8,7 @@ import subprocess
 from dataclasses import dataclass
 
 from mlc.errors import CompileError
+from mlc.support.cuda_arch import arch_for_compute_capability
 
 # What the PyPI TVM wheel can emit (verified for 0.27, see TVM-NOTES.md).
 SUPPORTED = ("cpu", "cuda", "opencl", "webgpu")
@@ -52,8 +53,7 @@ def detect_cuda_arch() -> str | None:
     cap = out.strip().splitlines()[0].strip() if out.strip() else ""
     if not re.fullmatch(r"\d+\.\d+", cap):
         return None
-    major, minor = cap.split(".")
-    return f"sm_{major}{minor}" + ("a" if major == "9" else "")
+    return arch_for_compute_capability(cap)
 
 
 def _cpu_target() -> dict:

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from mlc.errors import ModelLoadError
+from mlc.support.cuda_arch import arch_for_compute_capability
 
 # TVM's CPU thread pool assumes hyper-threading and starts half of the cores (one on a 2-core
 # machine) unless told; mlc's CPU kernels are written for all of them.
@@ -88,8 +89,7 @@ def _register_cuda_compile_callback() -> None:
         from tvm.support import nvcc
     except ImportError:   # pragma: no cover - very old TVM
         return
-    major, minor = tvm.cuda(0).compute_version.split(".")
-    arch = f"sm_{major}{minor}" + ("a" if major == "9" else "")
+    arch = arch_for_compute_capability(tvm.cuda(0).compute_version)
 
     def compile_cuda(code, *_args):
         compiler = os.environ.get("MLC_CUDA_COMPILER", "nvrtc")

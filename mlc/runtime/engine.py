@@ -31,6 +31,7 @@ from mlc.runtime.memory_plan import plan_memory
 from mlc.runtime.model import KVCacheConfig, LoadedModel
 from mlc.runtime.model_source import resolve_model
 from mlc.runtime.tracing import Tracer
+from mlc.support.tensor_cache import numpy_dtype
 
 logger = logging.getLogger(__name__)
 SPECULATIVE_MODES = ("disable", "small_draft", "eagle")
@@ -92,7 +93,8 @@ class _EngineBase:
         t0 = time.perf_counter()
         self.model = LoadedModel(self.model_dir, model_lib, device)
         self.chat_config = self.model.chat_config
-        weight_bytes = sum(p.numel() * _dtype_bytes(str(p.dtype)) for p in self.model.params)
+        weight_bytes = sum(p.numel() * numpy_dtype(str(p.dtype)).itemsize
+                           for p in self.model.params)
         self.plan = plan_memory(
             self.model.metadata, weight_bytes, self.model.device, self.mode,
             pick(max_batch_size, cfg.max_batch_size),
@@ -391,11 +393,6 @@ class _EngineBase:
 
     def _prompt_text(self, req) -> str:
         return req.prompt if isinstance(req.prompt, str) else self.tokenizer.decode(req.prompt)
-
-
-def _dtype_bytes(dtype: str) -> int:
-    return {"float16": 2, "bfloat16": 2, "float32": 4, "uint32": 4, "int32": 4,
-            "int8": 1, "uint8": 1}.get(dtype, 4)
 
 
 def _load_tokenizer(model_dir: Path):

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from mlc.errors import ModelLoadError
 from mlc.support.chat_config import ChatConfig
+from mlc.support.cuda_arch import arch_for_compute_capability
 from mlc.support.versions import LIBRARY_VERSION
 
 POLICIES = ("ON", "OFF", "REDO", "READONLY")
@@ -36,8 +37,7 @@ def jit_policy() -> str:
 def compile_device_for(device_kind: str, device) -> str:
     """The `mlc compile --device` string for a runtime device."""
     if device_kind == "cuda":
-        major, minor = device.compute_version.split(".")
-        return f"cuda:sm_{major}{minor}" + ("a" if major == "9" else "")
+        return "cuda:" + arch_for_compute_capability(device.compute_version)
     return "cpu"
 
 
