@@ -247,14 +247,16 @@ class _EngineBase:
     def _chat_logprobs(self, delta) -> P.ChoiceLogprobs | None:
         if delta.logprobs is None:
             return None
+        def top(token_id: int, logprob: float) -> P.TopLogprob:
+            tok = self._token_str(token_id)
+            return P.TopLogprob(token=tok, logprob=logprob, bytes=list(tok.encode()))
+
         entries = []
         for lp in delta.logprobs:
-            tok = self._token_str(lp.token_id)
+            chosen = top(lp.token_id, lp.logprob)
             entries.append(P.ChatCompletionTokenLogprob(
-                token=tok, bytes=list(tok.encode()), logprob=lp.logprob,
-                top_logprobs=[P.TopLogprob(token=self._token_str(t), logprob=v,
-                                           bytes=list(self._token_str(t).encode()))
-                              for t, v in lp.top]))
+                token=chosen.token, bytes=chosen.bytes, logprob=lp.logprob,
+                top_logprobs=[top(t, v) for t, v in lp.top]))
         return P.ChoiceLogprobs(content=entries)
 
     def _completion_logprobs(self, delta, offset: int) -> P.CompletionLogprobs | None:
