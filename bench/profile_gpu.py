@@ -2,7 +2,7 @@
 call (kernel, CUDA graph launch, builtin), with a device sync on both sides so each call's time
 includes its GPU work. Shows where a decode step and a prefill chunk spend their time.
 
-    python bench/profile_gpu.py MODEL_DIR --model-lib LIB [--dummy] [--prefill 2048]
+    python bench/profile_gpu.py MODEL_DIR --model-lib LIB [--dummy] [--prefill 2048] [--batch 64]
 """
 
 import argparse
@@ -21,21 +21,26 @@ def main() -> None:
     p.add_argument("--model-lib", required=True)
     p.add_argument("--dummy", action="store_true")
     p.add_argument("--prefill", type=int, default=2048)
+    p.add_argument("--batch", type=int, default=1, help="sequences in the decode step")
     p.add_argument("--json")
     a = p.parse_args()
     m = LoadedModel(a.model, a.model_lib, "cuda", dummy=a.dummy)
-    m.create_kv_cache(KVCacheConfig(4, a.prefill + 640, m.metadata["prefill_chunk_size"]))
+    seqs = list(range(2, 2 + a.batch))
+    m.create_kv_cache(KVCacheConfig(a.batch + 2, a.prefill + 640 * a.batch,
+                                    m.metadata["prefill_chunk_size"]))
     rng = np.random.default_rng(0)
-    m.add_sequence(0)
-    m.prefill([0], [rng.integers(0, m.vocab_size, 512).tolist()])
+    for s in seqs:
+        m.add_sequence(s)
+        m.prefill([s], [rng.integers(0, m.vocab_size, 512).tolist()])
+    ones = [1] * len(seqs)
     for _ in range(3):
-        m.decode([0], [1])                     # warm up, CUDA graph capture
+        m.decode(seqs, ones)                   # warm up, CUDA graph capture
     t0 = time.perf_counter()
     for _ in range(20):
-        m.decode([0], [1])
+        m.decode(seqs, ones)
     plain = (time.perf_counter() - t0) / 20 * 1e3
-    out = {"decode_ms_uninstrumented": plain,
-           "decode": profile_vm_calls(m, lambda: m.decode([0], [1]), 5)}
+    out = {"batch": a.batch, "decode_ms_uninstrumented": plain,
+           "decode": profile_vm_calls(m, lambda: m.decode(seqs, ones), 5)}
     ids = rng.integers(0, m.vocab_size, a.prefill).tolist()
 
     def prefill():

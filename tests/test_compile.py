@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import re
 import tarfile
 
 import numpy as np
@@ -62,6 +63,7 @@ def tiny(tmp_path_factory):
         "tied": dict(quantization="q0f32", tie_word_embeddings=True),
         "q4f32_1": dict(quantization="q4f32_1"),
         "q4f16_1": dict(quantization="q4f16_1"),
+        "q4f16_hd64": dict(quantization="q4f16_1", head_dim=64),
         "mistral": dict(quantization="q0f32", arch="mistral", sliding_window=8),
         # a different MLP width too, so its library does not fit the "untied" weights
         "llama3": dict(quantization="q0f32", rope_scaling=LLAMA3_ROPE, intermediate_size=96),
@@ -451,6 +453,22 @@ def test_cross_compile_cuda(q4_dir):
     assert data[:4] == b"\x7fELF"
     for kernel in KERNELS:
         assert kernel in data, kernel
+
+
+def test_cuda_attention_uses_mlc_kernels(tiny):
+    """head_dim 64, float16: the KV cache gets mlc's attention kernels, TVM's are dropped."""
+    from mlc.compiler.cuda_support import kernels_available
+
+    if not kernels_available():
+        pytest.skip("nvcc / the static CUDA runtime not found")
+    data = build_lib(tiny("q4f16_hd64").mlc_dir, device="cuda:sm_90a").read_bytes()
+    for name in (b"mlc.cuda.attn_prefill_ragged", b"mlc.cuda.attn_prefill_paged",
+                 b"mlc.cuda.attn_decode_paged"):
+        assert name in data, name
+    for kernel in (rb"batch_prefill_ragged_kv", rb"batch_decode_paged_kv(?!_sliding)",
+                   rb"batch_prefill_paged_kv(?!_sliding)"):
+        assert not re.search(kernel, data), kernel           # sliding-window variants stay
+    assert b"batch_tree_attn" in data or b"tree_attn" in data      # TVM's others are kept
 
 
 def test_cross_compile_opencl(q4_dir):

@@ -219,12 +219,24 @@ def build_library(info, config, chat, quantization, dev: DeviceTarget, opt: str)
     metadata = library_metadata(chat, config, quantization, named_params, dev, opt)
     mod = _attach_shape_bounds(mod, config)
     mod = _attach_metadata(mod, metadata)
+    if _uses_mlc_attention(dev, config, quantization):
+        from mlc.compiler import cuda_attention
+
+        mod = cuda_attention.use_mlc_attention()(mod)
     # CUDA graphs: RewriteCUDAGraph captures the static-shape regions (batch-1 decode) so a
     # token costs a few graph launches per layer instead of ~15 kernel launches.
     config = {"relax.backend.use_cuda_graph": dev.kind == "cuda" and opt in ("O2", "O3")}
     with tvm.transform.PassContext(config=config):
         ex = relax.build(mod, target, relax_pipeline=build_pipeline(dev, opt))
     return ex, metadata
+
+
+def _uses_mlc_attention(dev: DeviceTarget, config, quantization) -> bool:
+    from mlc.compiler import cuda_attention, cuda_support
+
+    return (cuda_support.cuda_kernels_enabled(dev)
+            and cuda_attention.attention_enabled(quantization.model_dtype, config.head_dim,
+                                                 getattr(config, "sliding_window_size", -1)))
 
 
 def _check_output_form(dev: DeviceTarget, output: Path) -> None:

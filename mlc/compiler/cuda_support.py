@@ -1,8 +1,8 @@
-"""CUDA specifics of building: mlc's own CUDA kernels (fused q4 GEMV, cuBLAS GEMMs).
+"""CUDA specifics of building: mlc's own CUDA kernels (q4 GEMV/GEMM, cuBLAS, attention).
 
-`q4_matmul.cu` is compiled with nvcc into an object that is linked into every CUDA model
-library, so the library registers `mlc.cuda.*` itself when TVM loads it. Without nvcc the
-library still builds, with TVM-generated kernels only (and says so).
+Every `cuda_kernels/*.cu` is compiled with nvcc into an object that is linked into every CUDA
+model library, so the library registers `mlc.cuda.*` itself when TVM loads it. Without nvcc
+the library still builds, with TVM-generated kernels only (and says so).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 from mlc.compiler.target import DeviceTarget
 from mlc.errors import CompileError
 
-KERNEL_SOURCE = Path(__file__).with_name("cuda_kernels") / "q4_matmul.cu"
+KERNEL_DIR = Path(__file__).with_name("cuda_kernels")
 ARCHS = ("80", "86", "89", "90a")
 
 
@@ -61,27 +61,34 @@ def _real_nvcc(nvcc: str) -> str:
     return nvcc
 
 
-def build_kernel_object(arch: str, cache_dir: Path) -> Path:
-    """Compile the kernels for `arch` (e.g. sm_90a) once; cached by source hash."""
+def kernel_sources() -> list[Path]:
+    return sorted(KERNEL_DIR.glob("*.cu"))
+
+
+def build_kernel_objects(arch: str, cache_dir: Path) -> list[Path]:
+    """Compile each kernel source for `arch` (e.g. sm_90a) once; cached by source hash."""
+    return [_build_object(src, arch, cache_dir) for src in kernel_sources()]
+
+
+def _build_object(source_path: Path, arch: str, cache_dir: Path) -> Path:
     import tvm_ffi
 
     nvcc = nvcc_path()
-    source = KERNEL_SOURCE.read_bytes()
-    key = hashlib.sha256(source + arch.encode()).hexdigest()[:16]
-    out = cache_dir / f"mlc_cuda_kernels-{arch}-{key}.o"
+    key = hashlib.sha256(source_path.read_bytes() + arch.encode()).hexdigest()[:16]
+    out = cache_dir / f"mlc-{source_path.stem}-{arch}-{key}.o"
     if out.exists():
         return out
     cache_dir.mkdir(parents=True, exist_ok=True)
     include = Path(tvm_ffi.__file__).parent / "include"
     num = arch.replace("sm_", "")
+    tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
     cmd = [nvcc, "-c", "-O3", "-std=c++17", "-Xcompiler", "-fPIC", "-I", str(include),
-           "-gencode", f"arch=compute_{num},code=sm_{num}", str(KERNEL_SOURCE), "-o",
-           str(out) + ".tmp"]
+           "-gencode", f"arch=compute_{num},code=sm_{num}", str(source_path), "-o", str(tmp)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise CompileError(f"nvcc failed to build mlc's CUDA kernels:\n{proc.stderr[-2000:]}\n"
-                           "Set MLC_CUDA_KERNELS=0 to build without them.")
-    os.replace(str(out) + ".tmp", out)
+        raise CompileError(f"nvcc failed to build mlc's CUDA kernels ({source_path.name}):\n"
+                           f"{proc.stderr[-2000:]}\nSet MLC_CUDA_KERNELS=0 to build without them.")
+    os.replace(tmp, out)
     return out
 
 
@@ -102,7 +109,7 @@ def precompiled_cuda(dev: DeviceTarget):
         return
     from mlc.runtime.jit import cache_root
 
-    obj = build_kernel_object(dev.target["arch"], cache_root() / "kernels")
+    objs = build_kernel_objects(dev.target["arch"], cache_root() / "kernels")
     # archives go after the objects that use them: pass it as a file, not as -l
-    yield {"addons": [str(obj), str(cudart_static(nvcc_path()))],
+    yield {"addons": [*map(str, objs), str(cudart_static(nvcc_path()))],
            "options": ["-ldl", "-lrt", "-lpthread"]}

@@ -4,17 +4,25 @@
 //   mlc.cuda.q4_matmul(x[M,K] f16, q_weight[N,K/8] u32, q_scale[N,K/32] f16, out[M,N] f16|f32)
 //   mlc.cuda.f16_matmul(x[M,K] f16, weight[N,K] f16, out[M,N] f16|f32)
 //   mlc.cuda.fill_random(tensor, seed, lo, hi)       (dummy weights made on the device)
+//   mlc.cuda.q4_set_paths(mma_min_m, mma_max_m)      (M range of the fused tensor-core kernel)
+//   mlc.cuda.q4_set_mma_config(split_k, blocks_per_sm)   (0, 0: automatic; for benchmarks)
 //
 // y = x W^T with float32 accumulation. q4 weights: groups of 32 along K, value = (nibble - 7) *
 // scale, eight nibbles per uint32, the first in the lowest bits (MLC-LLM's q4f16_1).
-// Few rows (decode): a fused dequantize-GEMV reads each 4-bit weight once with 128-bit loads.
-// Many rows (prefill): dequantize to a float16 workspace, then cuBLAS on the tensor cores.
-// cuBLAS is opened with dlopen at first use, so a library loads on machines without it.
+// Paths of q4_matmul, by M (rows of x):
+//   mma_min_m <= M <= mma_max_m (default 2..128; K % 64 == 0): a fused dequantize + tensor-core
+//     kernel (mma.sync m16n8k16, weights as the A operand), split-K across blocks;
+//   otherwise M <= 8: a fused dequantize-GEMV that reads each 4-bit weight once (128-bit loads);
+//   otherwise: dequantize to a float16 workspace, then cuBLAS on the tensor cores.
+// MLC_Q4_MMA=0 in the environment turns the tensor-core kernel off. cuBLAS is opened with dlopen
+// at first use, so a library loads on machines without it.
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <dlfcn.h>
 
+#include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <algorithm>
 #include <mutex>
 #include <type_traits>
@@ -221,6 +229,245 @@ __global__ void q4_dequant_kernel(const uint4* __restrict__ qw, const half* __re
 }
 
 // ---------------------------------------------------------------------------------------------
+// Fused dequantize + tensor-core matmul for 2 <= M <= ~128 (batched decode, small prefill).
+//
+// "Swap AB": each warp computes Y^T tiles [16 features x 8 tokens] = W[16 x K] . X^T with
+// mma.sync.m16n8k16 (A = dequantized weights, row-major 16x16; B = x^T, 16x8; f32 accumulate),
+// NT token tiles (M padded to 8*NT with zero rows) reusing every dequantized A fragment.
+// Lane = 4g + t. A regs: a0 = A[g][2t,2t+1], a1 = A[g+8][2t,2t+1], a2 = A[g][2t+8,2t+9],
+// a3 = A[g+8][2t+8,2t+9]; B regs: b0 = B[2t,2t+1][g], b1 = B[2t+8,2t+9][g]; C: c0,c1 =
+// C[g][2t,2t+1], c2,c3 = C[g+8][2t,2t+1].
+//
+// The dot product over k does not care how k is ordered, as long as A and B agree, and the k
+// that a slot stands for depends only on t (not on g): per 128-wide K block, lane (g, t) owns the
+// 32 k of quant group t of the block (uint4 t of the block in rows g and g+8 of its 16 rows, one
+// scale per row), i.e. words w = 0..3 (k = 32t + 8w + i, nibble i at bits 4i). Word w feeds mmas
+// 2w (h = 0) and 2w+1 (h = 1): (w >> 8h) & 0x000f000f gives the nibble pair (2h, 2h+4) -> slots
+// 2t,2t+1 (a0/a1); (w >> 8h+4) the pair (2h+1, 2h+5) -> slots 2t+8,2t+9 (a2/a3). The B regs hold
+// the same k of token g: (x[2h], x[2h+4]) and (x[2h+1], x[2h+5]) of the word's 8 x values, made
+// with one byte_perm each. OR-ing a nibble into 0x6400 (1024.0 in float16) gives 1024 + n;
+// subtracting 1031 is exact, and the product with the scale is one rounding, as in
+// q4_dequant_kernel.
+//
+// A block is 8 warps = 128 features (a warp per 16); the block's K range is streamed through a
+// cp.async pipeline of 128-wide K stages (weights 8 KB, scales, and x rows in shared memory, x
+// swizzled so the 16-byte fragment loads are conflict-free). gridDim = (N / 128, splits, M
+// chunks of 8*NT rows). With splits > 1, each block writes its partial tile (in fragment order,
+// float4 per lane) to a workspace; the last block of a tile to arrive (a counter per tile, reset
+// by that block) sums the partials in split order (deterministic) and writes the output.
+// ---------------------------------------------------------------------------------------------
+constexpr int kMmaWarps = 8;
+constexpr int kMmaThreads = kMmaWarps * 32;
+constexpr int kMmaBN = kMmaWarps * 16;   // features per block
+constexpr int kMmaBK = 128;              // K per pipeline stage: 4 quant groups
+constexpr int kMmaMaxNT = 16;            // up to 128 rows of x per block
+
+template <int NT>
+struct MmaCfg {
+  static constexpr int kStages = NT <= 8 ? 4 : 3;
+  static constexpr int kMinBlocks = NT <= 8 ? 2 : 1;
+  static constexpr int kWStage = kMmaBN * kMmaBK / 32;   // uint4 of weights per stage (512)
+  static constexpr int kXStage = NT * 8 * kMmaBK / 8;    // uint4 of x per stage (16 per row)
+  static constexpr int kSStage = kMmaBN * 2;             // uint32 (2 scales) per stage
+  static constexpr int kSmem = kStages * (kWStage * 16 + kXStage * 16 + kSStage * 4);
+  static constexpr int kTileF4 = kMmaWarps * NT * 32;    // float4 of a block's partial tile
+};
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16 bytes global -> shared, zero-filled when !valid (src is then not read); the L2 fetches the
+// whole 128-byte line (the next K stage of a weight row is its other half).
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+               "r"(valid ? 16 : 0));
+}
+
+__device__ __forceinline__ void cp_async4(uint32_t dst, const void* src, bool valid) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src),
+               "r"(valid ? 4 : 0));
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+// Two nibbles of `w` (at bits shift and shift + 16) -> half2((n_lo - 7) * s, (n_hi - 7) * s).
+__device__ __forceinline__ uint32_t dq2(uint32_t w, int shift, uint32_t scale2) {
+  uint32_t v = ((w >> shift) & 0x000f000fu) | 0x64006400u;
+  asm("sub.rn.f16x2 %0, %0, %1;\n" : "+r"(v) : "r"(0x64076407u));   // 1031 = 1024 + 7
+  asm("mul.rn.f16x2 %0, %0, %1;\n" : "+r"(v) : "r"(scale2));
+  return v;
+}
+
+__device__ __forceinline__ void mma16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2,
+                                         uint32_t a3, uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// x in shared memory: row r (token) of 16 uint4 chunks (chunk c = k 8c..8c+7 of the stage),
+// stored at chunk c ^ ((c >> 3) << 1) ^ (r & 1). A fragment load of lanes 0-7 (g = 0,1,
+// t = 0..3, fixed word w; c = 4t + w) then touches 8 distinct 16-byte bank groups.
+__device__ __forceinline__ int x_swizzle(int r, int c) { return c ^ ((c >> 3) << 1) ^ (r & 1); }
+
+template <int NT, typename OutT>
+__global__ void __launch_bounds__(kMmaThreads, MmaCfg<NT>::kMinBlocks)
+    q4_mma_kernel(const half* __restrict__ x, const uint4* __restrict__ qw,
+                  const half* __restrict__ qs, OutT* __restrict__ out, float4* __restrict__ part,
+                  int* __restrict__ counters, int M, int N, int K, int splits) {
+  using Cfg = MmaCfg<NT>;
+  constexpr int kStages = Cfg::kStages, kWStage = Cfg::kWStage, kXStage = Cfg::kXStage,
+                kSStage = Cfg::kSStage;
+  extern __shared__ uint4 smem[];
+  uint4* sw = smem;                                           // [stage][128 rows][4]
+  uint4* sx = sw + kStages * kWStage;                         // [stage][8*NT rows][16]
+  uint32_t* ss = reinterpret_cast<uint32_t*>(sx + kStages * kXStage);   // [stage][128][2]
+  __shared__ int s_last;
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+  const int n0 = blockIdx.x * kMmaBN;
+  const int m0 = blockIdx.z * (NT * 8);
+  const int split = blockIdx.y;
+  const int groups = K / kGroup;                // uint4 (and scales) per weight row
+  const int kblocks = (K + kMmaBK - 1) / kMmaBK;
+  const int kb0 = static_cast<int>(static_cast<int64_t>(split) * kblocks / splits);
+  const int kb1 = static_cast<int>(static_cast<int64_t>(split + 1) * kblocks / splits);
+  const int nkb = kb1 - kb0;
+
+  auto load_stage = [&](int slot, int kb) {
+    uint4* dw = sw + slot * kWStage;
+#pragma unroll
+    for (int j = 0; j < kWStage / kMmaThreads; ++j) {
+      const int i = tid + j * kMmaThreads, r = i >> 2, c = i & 3;
+      const int n = n0 + r, gi = kb * 4 + c;
+      const bool ok = n < N && gi < groups;
+      cp_async16(smem_addr(dw + i), ok ? qw + static_cast<int64_t>(n) * groups + gi : qw, ok);
+    }
+    uint4* dx = sx + slot * kXStage;
+#pragma unroll
+    for (int j = 0; j < (kXStage + kMmaThreads - 1) / kMmaThreads; ++j) {
+      const int i = tid + j * kMmaThreads;
+      if (kXStage % kMmaThreads == 0 || i < kXStage) {
+        const int r = i >> 4, c = i & 15;
+        const int m = m0 + r, k = kb * kMmaBK + c * 8;
+        const bool ok = m < M && k < K;
+        cp_async16(smem_addr(dx + r * 16 + x_swizzle(r, c)),
+                   ok ? x + static_cast<int64_t>(m) * K + k : x, ok);
+      }
+    }
+    uint32_t* ds = ss + slot * kSStage;
+    static_assert(kSStage == kMmaThreads, "one scale pair per thread");
+    {
+      const int r = tid >> 1, c = tid & 1;
+      const int n = n0 + r, gi = kb * 4 + c * 2;    // groups is even: gi < groups => gi + 1 too
+      const bool ok = n < N && gi < groups;
+      cp_async4(smem_addr(ds + tid), ok ? qs + static_cast<int64_t>(n) * groups + gi : qs, ok);
+    }
+  };
+
+  float acc[NT][4];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[nt][i] = 0.f;
+
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < nkb) load_stage(s, kb0 + s);
+    cp_async_commit();
+  }
+
+  const int rg = warp * 16 + g;                  // block row of A row g (A row g+8: rg + 8)
+  int slot = 0, next_slot = kStages - 1;
+  for (int it = 0; it < nkb; ++it) {
+    cp_async_wait<kStages - 2>();                // stage `it` has landed (this thread's part)
+    __syncthreads();                             // ... everyone's; and slot it-1 is free
+    if (it + kStages - 1 < nkb) load_stage(next_slot, kb0 + it + kStages - 1);
+    cp_async_commit();
+    next_slot = next_slot + 1 == kStages ? 0 : next_slot + 1;
+
+    const uint4 wg = sw[slot * kWStage + rg * 4 + t];
+    const uint4 w8 = sw[slot * kWStage + (rg + 8) * 4 + t];
+    const unsigned short* sh = reinterpret_cast<const unsigned short*>(ss + slot * kSStage);
+    const uint32_t sg = sh[rg * 4 + t], s8 = sh[(rg + 8) * 4 + t];
+    const uint32_t sg2 = sg | (sg << 16), s82 = s8 | (s8 << 16);
+    const uint4* xs = sx + slot * kXStage;
+    const uint32_t wgw[4] = {wg.x, wg.y, wg.z, wg.w};
+    const uint32_t w8w[4] = {w8.x, w8.y, w8.z, w8.w};
+#pragma unroll
+    for (int w = 0; w < 4; ++w) {
+      const uint32_t a00 = dq2(wgw[w], 0, sg2), a01 = dq2(w8w[w], 0, s82);
+      const uint32_t a02 = dq2(wgw[w], 4, sg2), a03 = dq2(w8w[w], 4, s82);
+      const uint32_t a10 = dq2(wgw[w], 8, sg2), a11 = dq2(w8w[w], 8, s82);
+      const uint32_t a12 = dq2(wgw[w], 12, sg2), a13 = dq2(w8w[w], 12, s82);
+      const int pc = x_swizzle(g, 4 * t + w);    // row nt*8 + g has the parity of g
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        const uint4 xv = xs[(nt * 8 + g) * 16 + pc];
+        mma16816(acc[nt], a00, a01, a02, a03, __byte_perm(xv.x, xv.z, 0x5410),
+                 __byte_perm(xv.x, xv.z, 0x7632));
+        mma16816(acc[nt], a10, a11, a12, a13, __byte_perm(xv.y, xv.w, 0x5410),
+                 __byte_perm(xv.y, xv.w, 0x7632));
+      }
+    }
+    slot = slot + 1 == kStages ? 0 : slot + 1;
+  }
+  cp_async_wait<0>();
+
+  const int f0 = n0 + rg;                         // features of c0,c1 (f0) and c2,c3 (f0 + 8)
+  auto store = [&](int nt, const float4& v) {
+    const int m = m0 + nt * 8 + 2 * t;
+    if (m < M) {
+      if (f0 < N) out[static_cast<int64_t>(m) * N + f0] = OutT(v.x);
+      if (f0 + 8 < N) out[static_cast<int64_t>(m) * N + f0 + 8] = OutT(v.z);
+    }
+    if (m + 1 < M) {
+      if (f0 < N) out[static_cast<int64_t>(m + 1) * N + f0] = OutT(v.y);
+      if (f0 + 8 < N) out[static_cast<int64_t>(m + 1) * N + f0 + 8] = OutT(v.w);
+    }
+  };
+  if (splits == 1) {
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+      store(nt, make_float4(acc[nt][0], acc[nt][1], acc[nt][2], acc[nt][3]));
+    return;
+  }
+
+  const int tile = blockIdx.z * gridDim.x + blockIdx.x;
+  float4* tile_part = part + static_cast<int64_t>(tile) * splits * Cfg::kTileF4;
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+    __stcg(tile_part + static_cast<int64_t>(split) * Cfg::kTileF4 + (warp * NT + nt) * 32 + lane,
+           make_float4(acc[nt][0], acc[nt][1], acc[nt][2], acc[nt][3]));
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) s_last = atomicAdd(counters + tile, 1) == splits - 1;
+  __syncthreads();
+  if (!s_last) return;
+  __threadfence();
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    const float4 own = make_float4(acc[nt][0], acc[nt][1], acc[nt][2], acc[nt][3]);
+    const int idx = (warp * NT + nt) * 32 + lane;
+    float4 v = split == 0 ? own : __ldcg(tile_part + idx);
+    for (int s = 1; s < splits; ++s) {            // fixed order: the same sums every run
+      const float4 p = s == split ? own : __ldcg(tile_part + static_cast<int64_t>(s) *
+                                                                 Cfg::kTileF4 + idx);
+      v.x += p.x; v.y += p.y; v.z += p.z; v.w += p.w;
+    }
+    store(nt, v);
+  }
+  if (tid == 0) counters[tile] = 0;               // ready for the next launch
+}
+
+// ---------------------------------------------------------------------------------------------
 // cuBLAS through dlopen (the nvidia-cublas wheel or a system CUDA toolkit provides it).
 // ---------------------------------------------------------------------------------------------
 using cublasHandle_t = void*;
@@ -302,6 +549,146 @@ half* workspace(int device, size_t elems) {
   return entry.first;
 }
 
+// ---------------------------------------------------------------------------------------------
+// Dispatch of the tensor-core kernel: the M range (mlc.cuda.q4_set_paths), split-K, workspace.
+// ---------------------------------------------------------------------------------------------
+std::atomic<int64_t> g_mma_min_m{2};
+std::atomic<int64_t> g_mma_max_m{128};
+std::atomic<int64_t> g_mma_split{0};           // 0: automatic
+std::atomic<int64_t> g_mma_blocks_per_sm{0};   // split-K target blocks per SM (0: automatic)
+
+bool mma_env_enabled() {
+  static const bool on = [] {
+    const char* env = std::getenv("MLC_Q4_MMA");
+    return !(env && std::string(env) == "0");
+  }();
+  return on;
+}
+
+struct KernelInfo {
+  bool checked = false;
+  bool fits = false;       // false: the shared memory it needs is more than this GPU has
+  int sms = 0;
+  int blocks_per_sm = 0;   // occupancy at its shared memory size
+};
+
+// Raises the kernel's dynamic shared memory limit and reads its occupancy, once per device.
+// (sm_86/89 have ~100 KB of shared memory per SM: the largest row tiles do not fit there, and
+// those calls take the older paths.)
+const KernelInfo& kernel_info(const void* kernel, int smem, int device) {
+  static std::mutex mu;
+  static std::unordered_map<const void*, std::unordered_map<int, KernelInfo>> infos;
+  std::lock_guard<std::mutex> lock(mu);
+  KernelInfo& info = infos[kernel][device];
+  if (!info.checked) {
+    info.checked = true;
+    int optin = 0;
+    MLC_CUDA_CHECK(
+        cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    MLC_CUDA_CHECK(cudaDeviceGetAttribute(&info.sms, cudaDevAttrMultiProcessorCount, device));
+    if (smem + 1024 > optin) return info;   // + the kernel's static shared memory
+    MLC_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        smem));
+    MLC_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&info.blocks_per_sm, kernel,
+                                                                 kMmaThreads, smem));
+    info.fits = info.blocks_per_sm > 0;
+  }
+  return info;
+}
+
+// Split-K partial tiles and per-tile arrival counters (zeroed once, reset by the kernel). Like
+// workspace(), a buffer that was outgrown is kept: a captured CUDA graph may still use it.
+struct MmaWorkspace {
+  float4* part = nullptr;
+  size_t part_elems = 0;
+  int* counters = nullptr;
+  size_t num_counters = 0;
+};
+
+MmaWorkspace mma_workspace(int device, size_t part_elems, size_t num_counters,
+                           cudaStream_t stream) {
+  static std::mutex mu;
+  static std::unordered_map<int, MmaWorkspace> spaces;
+  std::lock_guard<std::mutex> lock(mu);
+  MmaWorkspace& ws = spaces[device];
+  if (ws.part_elems < part_elems) {
+    const size_t elems = std::max(part_elems, std::max<size_t>(2 * ws.part_elems, 1 << 16));
+    MLC_CUDA_CHECK(cudaMalloc(&ws.part, elems * sizeof(float4)));
+    ws.part_elems = elems;
+  }
+  if (ws.num_counters < num_counters) {
+    const size_t n = std::max(num_counters, std::max<size_t>(2 * ws.num_counters, 4096));
+    MLC_CUDA_CHECK(cudaMalloc(&ws.counters, n * sizeof(int)));
+    MLC_CUDA_CHECK(cudaMemsetAsync(ws.counters, 0, n * sizeof(int), stream));
+    ws.num_counters = n;
+  }
+  return ws;
+}
+
+// Returns false (nothing launched) where the kernel does not fit this GPU.
+template <int NT, typename OutT>
+bool launch_q4_mma_nt(const half* x, const uint32_t* qw, const half* qs, OutT* out, int M, int N,
+                      int K, int chunks, int device, cudaStream_t stream) {
+  using Cfg = MmaCfg<NT>;
+  const auto kernel = q4_mma_kernel<NT, OutT>;
+  const KernelInfo& info = kernel_info(reinterpret_cast<const void*>(kernel), Cfg::kSmem, device);
+  if (!info.fits) return false;
+  const int col_blocks = (N + kMmaBN - 1) / kMmaBN;
+  const int kblocks = (K + kMmaBK - 1) / kMmaBK;
+  const int64_t tiles = static_cast<int64_t>(col_blocks) * chunks;
+  int64_t splits = g_mma_split.load();
+  if (splits <= 0) {
+    // Split K until the grid fills `per_sm` blocks per SM, never beyond (no partial second
+    // wave) and keeping >= 2 K stages per block. Few rows are memory-bound: 2 blocks per SM
+    // (of 4-5 resident) keep enough loads in flight, with less split-K traffic; more rows are
+    // compute-bound: as many blocks as fit.
+    int64_t per_sm = g_mma_blocks_per_sm.load();
+    if (per_sm <= 0) per_sm = NT <= 4 ? 2 : info.blocks_per_sm;
+    per_sm = std::max<int64_t>(1, std::min<int64_t>(per_sm, info.blocks_per_sm));
+    splits = std::max<int64_t>(1, info.sms * per_sm / tiles);
+    splits = std::min<int64_t>(splits, std::max(1, kblocks / 2));
+  }
+  splits = std::max<int64_t>(1, std::min<int64_t>({splits, kblocks, 65535}));
+  MmaWorkspace ws;
+  if (splits > 1) ws = mma_workspace(device, tiles * splits * Cfg::kTileF4, tiles, stream);
+  const dim3 grid(col_blocks, static_cast<unsigned>(splits), chunks);
+  kernel<<<grid, kMmaThreads, Cfg::kSmem, stream>>>(x, reinterpret_cast<const uint4*>(qw), qs,
+                                                     out, ws.part, ws.counters, M, N, K,
+                                                     static_cast<int>(splits));
+  MLC_CUDA_CHECK(cudaGetLastError());
+  return true;
+}
+
+template <typename OutT>
+bool launch_q4_mma(const half* x, const uint32_t* qw, const half* qs, OutT* out, int M, int N,
+                   int K, int device, cudaStream_t stream) {
+  // rows of x per block: 8 * NT, NT in {1,2,3,4,6,8,12,16}; above 128 rows, gridDim.z chunks
+  const int tiles8 = (M + 7) / 8;
+  const int chunks = (tiles8 + kMmaMaxNT - 1) / kMmaMaxNT;
+  if (chunks > 65535) return false;
+  const int need = (tiles8 + chunks - 1) / chunks;
+  if (need <= 1) return launch_q4_mma_nt<1>(x, qw, qs, out, M, N, K, chunks, device, stream);
+  if (need <= 2) return launch_q4_mma_nt<2>(x, qw, qs, out, M, N, K, chunks, device, stream);
+  if (need <= 3) return launch_q4_mma_nt<3>(x, qw, qs, out, M, N, K, chunks, device, stream);
+  if (need <= 4) return launch_q4_mma_nt<4>(x, qw, qs, out, M, N, K, chunks, device, stream);
+  if (need <= 6) return launch_q4_mma_nt<6>(x, qw, qs, out, M, N, K, chunks, device, stream);
+  if (need <= 8) return launch_q4_mma_nt<8>(x, qw, qs, out, M, N, K, chunks, device, stream);
+  if (need <= 12) return launch_q4_mma_nt<12>(x, qw, qs, out, M, N, K, chunks, device, stream);
+  return launch_q4_mma_nt<16>(x, qw, qs, out, M, N, K, chunks, device, stream);
+}
+
+bool aligned(const void* p, uintptr_t n) { return reinterpret_cast<uintptr_t>(p) % n == 0; }
+
+void Q4SetPaths(int64_t mma_min_m, int64_t mma_max_m) {
+  g_mma_min_m.store(mma_min_m);
+  g_mma_max_m.store(mma_max_m);
+}
+
+void Q4SetMmaConfig(int64_t split_k, int64_t blocks_per_sm) {
+  g_mma_split.store(std::max<int64_t>(0, split_k));
+  g_mma_blocks_per_sm.store(std::max<int64_t>(0, blocks_per_sm));
+}
+
 void check_args(const TensorView& x, const TensorView& out, int64_t N, int64_t K) {
   TVM_FFI_ICHECK_EQ(x.ndim(), 2) << "x must be [M, K]";
   TVM_FFI_ICHECK_EQ(out.ndim(), 2) << "out must be [M, N]";
@@ -323,6 +710,16 @@ void Q4Matmul(TensorView x, TensorView qw, TensorView qs, TensorView out) {
   const auto* wp = static_cast<const uint32_t*>(qw.data_ptr());
   const auto* sp = static_cast<const half*>(qs.data_ptr());
   if (M == 0) return;
+  if (M >= g_mma_min_m.load() && M <= g_mma_max_m.load() && K % 64 == 0 && mma_env_enabled() &&
+      aligned(xp, 16) && aligned(wp, 16) && aligned(sp, 4) && M < (1 << 30) && N < (1 << 30) &&
+      K < (1 << 30)) {
+    const bool done =
+        out_f32 ? launch_q4_mma(xp, wp, sp, static_cast<float*>(out.data_ptr()), M, N, K, device,
+                                stream)
+                : launch_q4_mma(xp, wp, sp, static_cast<half*>(out.data_ptr()), M, N, K, device,
+                                stream);
+    if (done) return;
+  }
   if (M <= kGemvMaxM) {
     if (out_f32) {
       launch_q4_gemv(xp, wp, sp, static_cast<float*>(out.data_ptr()), M, N, K, stream);
@@ -404,4 +801,7 @@ TVM_FFI_STATIC_INIT_BLOCK() {
   Function::SetGlobal("mlc.cuda.q4_matmul", Function::FromTyped(mlc::Q4Matmul), true);
   Function::SetGlobal("mlc.cuda.f16_matmul", Function::FromTyped(mlc::F16Matmul), true);
   Function::SetGlobal("mlc.cuda.fill_random", Function::FromTyped(mlc::FillRandom), true);
+  Function::SetGlobal("mlc.cuda.q4_set_paths", Function::FromTyped(mlc::Q4SetPaths), true);
+  Function::SetGlobal("mlc.cuda.q4_set_mma_config", Function::FromTyped(mlc::Q4SetMmaConfig),
+                      true);
 }
