@@ -471,6 +471,24 @@ def test_cuda_attention_uses_mlc_kernels(tiny):
     assert b"batch_tree_attn" in data or b"tree_attn" in data      # TVM's others are kept
 
 
+def test_cuda_graphs_capture_batched_decode(tiny, tmp_path, monkeypatch):
+    """O2 on CUDA: decode and batch_decode (one graph per batch size) run as CUDA graphs."""
+    from mlc.compiler.compile import compile_model
+
+    monkeypatch.setenv("MLC_DUMP_IR", str(tmp_path / "ir"))
+    compile_model(tiny("q4f16_1").mlc_dir, "cuda:sm_90a", tmp_path / "x.so", quiet=True)
+    ir = (tmp_path / "ir" / "phase5.py").read_text()
+
+    def body(name):
+        start = ir.index(f"def {name}(")
+        end = ir.find("@R.function", start)
+        return ir[start:end if end > 0 else None]
+
+    for name in ("decode", "batch_decode"):
+        assert "vm.builtin.cuda_graph.run_or_capture" in body(name), name
+    assert "vm.builtin.cuda_graph.run_or_capture" not in body("batch_prefill")
+
+
 def test_cross_compile_opencl(q4_dir):
     data = build_lib(q4_dir, device="opencl").read_bytes()
     assert data[:4] == b"\x7fELF" and b"__kernel void" in data

@@ -1,7 +1,8 @@
 """mlc's CUDA attention kernels (cuda_kernels/attention.cu) against a numpy reference written from
 TVM's definitions: scores q.k * sm_scale * log2(e), causal mask col < kv_len - qo_len + row + 1,
 GQA head h -> kv head h // (h_q / h_kv), lse = m + log2(sum exp2(s - m)) in log2 units, and a row
-that sees no key gets output 0 and lse -5e4 (what TVM's kernels give, so merges ignore it).
+that sees no key gets output 0 and lse -5e4 (TVM's kernels give that for a sequence without keys;
+TVM's merge then gives it no weight).
 
 Inputs are random fp16; outputs and lse start as NaN so an unwritten element fails; unused page
 slots (past last_page_len, spare pages) are NaN so a read of one poisons the result; int32 index
@@ -31,6 +32,7 @@ RAGGED_CASES = {
     "prefix5": [(5, 40)],
     "prefix-mixed": [(100, 164), (1, 30), (0, 10), (37, 37)],
     "empty-seqs": [(17, 81), (0, 0), (65, 65)],
+    "no-queries": [(0, 5), (0, 0)],
 }
 # (qo_len, kv_len from the pages); kv 0 = a sequence without pages (output 0, lse -5e4)
 PAGED_CASES = {
@@ -42,6 +44,7 @@ PAGED_CASES = {
     "pages": [(7, 20), (16, 16), (50, 129), (5, 2)],   # causal (5, 2): rows 0-2 see nothing
 }
 DECODE_CASES = {
+    "b0": [],
     "b1-1": [1],
     "b1-17": [17],
     "b1-3000": [3000],
@@ -99,7 +102,11 @@ def ragged_reference(q, k, v, q_indptr, kv_indptr, causal, sm_scale):
                       v[kv_indptr[b]:kv_indptr[b + 1]], causal, sm_scale)
         outs.append(o)
         lses.append(s)
-    return np.concatenate(outs), np.concatenate(lses)
+    return _cat(outs, (0, q.shape[1], q.shape[2])), _cat(lses, (0, q.shape[1]))
+
+
+def _cat(parts, empty_shape):
+    return np.concatenate(parts) if parts else np.zeros(empty_shape, "float32")
 
 
 def make_pages(rng, kv_lens, h_kv, d, spare=3):
@@ -240,8 +247,8 @@ def test_prefill_paged(funcs, layout, case, causal):
                                 sm_scale)
     refs = [attend(q[qo_indptr[i]:qo_indptr[i + 1]], ks[i], vs[i], causal, sm_scale)
             for i in range(b)]
-    check(out.numpy(), lse.numpy(), np.concatenate([r[0] for r in refs]),
-          np.concatenate([r[1] for r in refs]))
+    check(out.numpy(), lse.numpy(), _cat([r[0] for r in refs], (0, h_q, d)),
+          _cat([r[1] for r in refs], (0, h_q)))
 
 
 def _decode(funcs, layout, lens, seed, offset):
@@ -254,8 +261,8 @@ def _decode(funcs, layout, lens, seed, offset):
     args = [_t(q), _t(pages), _i32(page_indptr, offset), _i32(page_indices, offset),
             _i32(last, offset), _i32(np.zeros(b), offset), _i32(np.zeros(b), offset)]
     refs = [attend(q[i:i + 1], ks[i], vs[i], False, sm_scale) for i in range(b)]
-    ref_out = np.concatenate([r[0] for r in refs])
-    ref_lse = np.concatenate([r[1] for r in refs])
+    ref_out = _cat([r[0] for r in refs], (0, h_q, d))
+    ref_lse = _cat([r[1] for r in refs], (0, h_q))
     results = []
     for _ in range(2):       # twice: the split path's counters must be back at zero
         out, lse = _poisoned((b, h_q, d), "float16"), _poisoned((b, h_q), "float32")

@@ -46,7 +46,7 @@ def test_q4_matmul(funcs, m, out_dtype):
 # (n, k): n not a multiple of 16 or of the 128-feature block; k with a half 128-wide K block
 # (576, SmolLM2) and k not a multiple of 64 (160: the tensor-core kernel declines, old paths run)
 PATH_SHAPES = [(392, 1536), (200, 576), (576, 576), (136, 640), (256, 4096), (72, 160)]
-PATH_ROWS = [2, 3, 7, 8, 9, 16, 17, 31, 64, 100, 128]
+PATH_ROWS = [2, 3, 7, 8, 9, 16, 17, 25, 31, 40, 57, 64, 96, 100, 128]
 DEFAULT_PATHS = (2, 128)
 # path -> (q4_set_paths range, q4_set_mma_config(split_k, blocks_per_sm))
 PATHS = {
@@ -107,7 +107,8 @@ def test_q4_matmul_paths(funcs, q4_paths, n, k, path):
             assert np.isfinite(got).all() and rel < 2e-3, (m, out_dtype, rel)
 
 
-def test_q4_matmul_repeatable(funcs, q4_paths):
+@pytest.mark.parametrize("m", [17, 64])   # one and two 16-feature tiles per warp
+def test_q4_matmul_repeatable(funcs, q4_paths, m):
     """Split-K sums its partials in a fixed order: the same bits every call (and the per-tile
     counters are reset between calls)."""
     import tvm
@@ -115,12 +116,12 @@ def test_q4_matmul_repeatable(funcs, q4_paths):
     q4_paths("mma-split3")
     qw, qs, _ = _q4_weights(392, 1536)
     dev = tvm.cuda(0)
-    x = tvm.runtime.tensor(np.random.default_rng(5).standard_normal((17, 1536)).astype("float16"),
+    x = tvm.runtime.tensor(np.random.default_rng(5).standard_normal((m, 1536)).astype("float16"),
                            dev)
     args = (tvm.runtime.tensor(qw, dev), tvm.runtime.tensor(qs, dev))
     outs = []
     for _ in range(3):
-        out = tvm.runtime.empty((17, 392), "float32", dev)
+        out = tvm.runtime.empty((m, 392), "float32", dev)
         funcs[0](x, *args, out)
         outs.append(out.numpy())
     assert all(np.array_equal(outs[0], o) for o in outs[1:])

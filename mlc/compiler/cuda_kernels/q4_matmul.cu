@@ -249,28 +249,35 @@ __global__ void q4_dequant_kernel(const uint4* __restrict__ qw, const half* __re
 // subtracting 1031 is exact, and the product with the scale is one rounding, as in
 // q4_dequant_kernel.
 //
-// A block is 8 warps = 128 features (a warp per 16); the block's K range is streamed through a
-// cp.async pipeline of 128-wide K stages (weights 8 KB, scales, and x rows in shared memory, x
-// swizzled so the 16-byte fragment loads are conflict-free). gridDim = (N / 128, splits, M
-// chunks of 8*NT rows). With splits > 1, each block writes its partial tile (in fragment order,
-// float4 per lane) to a workspace; the last block of a tile to arrive (a counter per tile, reset
-// by that block) sums the partials in split order (deterministic) and writes the output.
+// A block is 8 warps of FT 16-feature A tiles each: FT = 1 (NT <= 3: 128 features) or FT = 2
+// (NT >= 4: 256 features; each B fragment read from shared memory feeds both A tiles). The
+// block's K range is streamed through a cp.async pipeline of 128-wide K stages (weights 8 KB
+// per 128 features, scales, and x rows in shared memory, x swizzled so the 16-byte fragment
+// loads are conflict-free). gridDim = (N / (128 FT), splits, M chunks of 8*NT rows). With
+// splits > 1, each block writes its partial tile (in fragment order, float4 per lane) to a
+// workspace; the last block of a tile to arrive (a counter per tile, reset by that block) sums
+// the partials in split order (deterministic) and writes the output.
 // ---------------------------------------------------------------------------------------------
 constexpr int kMmaWarps = 8;
 constexpr int kMmaThreads = kMmaWarps * 32;
-constexpr int kMmaBN = kMmaWarps * 16;   // features per block
 constexpr int kMmaBK = 128;              // K per pipeline stage: 4 quant groups
 constexpr int kMmaMaxNT = 16;            // up to 128 rows of x per block
 
+// FT: 16-feature A tiles per warp. With NT >= 4 token tiles the kernel is bound by shared
+// memory reads of the x (B) fragments and by dequantization; FT = 2 makes each B fragment feed
+// 2 A tiles (half the B traffic per mma) at the same dequantization work per mma. A block is
+// then 8 warps x 32 = 256 features (warp w: block rows 32w .. 32w+31, A tile f: rows 32w + 16f).
 template <int NT>
 struct MmaCfg {
-  static constexpr int kStages = NT <= 8 ? 4 : 3;
+  static constexpr int kFT = NT >= 4 ? 2 : 1;
+  static constexpr int kBN = kMmaWarps * 16 * kFT;        // features per block
+  static constexpr int kStages = kFT == 1 ? (NT <= 8 ? 4 : 3) : 3;
   static constexpr int kMinBlocks = NT <= 8 ? 2 : 1;
-  static constexpr int kWStage = kMmaBN * kMmaBK / 32;   // uint4 of weights per stage (512)
-  static constexpr int kXStage = NT * 8 * kMmaBK / 8;    // uint4 of x per stage (16 per row)
-  static constexpr int kSStage = kMmaBN * 2;             // uint32 (2 scales) per stage
+  static constexpr int kWStage = kBN * kMmaBK / 32;       // uint4 of weights per stage
+  static constexpr int kXStage = NT * 8 * kMmaBK / 8;     // uint4 of x per stage (16 per row)
+  static constexpr int kSStage = kBN * 2;                 // uint32 (2 scales) per stage
   static constexpr int kSmem = kStages * (kWStage * 16 + kXStage * 16 + kSStage * 4);
-  static constexpr int kTileF4 = kMmaWarps * NT * 32;    // float4 of a block's partial tile
+  static constexpr int kTileF4 = kMmaWarps * kFT * NT * 32;   // float4 of a partial tile
 };
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
@@ -324,15 +331,15 @@ __global__ void __launch_bounds__(kMmaThreads, MmaCfg<NT>::kMinBlocks)
                   int* __restrict__ counters, int M, int N, int K, int splits) {
   using Cfg = MmaCfg<NT>;
   constexpr int kStages = Cfg::kStages, kWStage = Cfg::kWStage, kXStage = Cfg::kXStage,
-                kSStage = Cfg::kSStage;
+                kSStage = Cfg::kSStage, FT = Cfg::kFT, kBN = Cfg::kBN;
   extern __shared__ uint4 smem[];
-  uint4* sw = smem;                                           // [stage][128 rows][4]
+  uint4* sw = smem;                                           // [stage][kBN rows][4]
   uint4* sx = sw + kStages * kWStage;                         // [stage][8*NT rows][16]
-  uint32_t* ss = reinterpret_cast<uint32_t*>(sx + kStages * kXStage);   // [stage][128][2]
+  uint32_t* ss = reinterpret_cast<uint32_t*>(sx + kStages * kXStage);   // [stage][kBN][2]
   __shared__ int s_last;
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
-  const int n0 = blockIdx.x * kMmaBN;
+  const int n0 = blockIdx.x * kBN;
   const int m0 = blockIdx.z * (NT * 8);
   const int split = blockIdx.y;
   const int groups = K / kGroup;                // uint4 (and scales) per weight row
@@ -363,20 +370,23 @@ __global__ void __launch_bounds__(kMmaThreads, MmaCfg<NT>::kMinBlocks)
       }
     }
     uint32_t* ds = ss + slot * kSStage;
-    static_assert(kSStage == kMmaThreads, "one scale pair per thread");
-    {
-      const int r = tid >> 1, c = tid & 1;
+    static_assert(kSStage == FT * kMmaThreads, "FT scale pairs per thread");
+#pragma unroll
+    for (int j = 0; j < FT; ++j) {
+      const int i = tid + j * kMmaThreads, r = i >> 1, c = i & 1;
       const int n = n0 + r, gi = kb * 4 + c * 2;    // groups is even: gi < groups => gi + 1 too
       const bool ok = n < N && gi < groups;
-      cp_async4(smem_addr(ds + tid), ok ? qs + static_cast<int64_t>(n) * groups + gi : qs, ok);
+      cp_async4(smem_addr(ds + i), ok ? qs + static_cast<int64_t>(n) * groups + gi : qs, ok);
     }
   };
 
-  float acc[NT][4];
+  float acc[FT][NT][4];
 #pragma unroll
-  for (int nt = 0; nt < NT; ++nt)
+  for (int f = 0; f < FT; ++f)
 #pragma unroll
-    for (int i = 0; i < 4; ++i) acc[nt][i] = 0.f;
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[f][nt][i] = 0.f;
 
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
@@ -384,7 +394,7 @@ __global__ void __launch_bounds__(kMmaThreads, MmaCfg<NT>::kMinBlocks)
     cp_async_commit();
   }
 
-  const int rg = warp * 16 + g;                  // block row of A row g (A row g+8: rg + 8)
+  const int rg = warp * 16 * FT + g;             // block row of A tile f's row g: rg + 16f
   int slot = 0, next_slot = kStages - 1;
   for (int it = 0; it < nkb; ++it) {
     cp_async_wait<kStages - 2>();                // stage `it` has landed (this thread's part)
@@ -393,36 +403,107 @@ __global__ void __launch_bounds__(kMmaThreads, MmaCfg<NT>::kMinBlocks)
     cp_async_commit();
     next_slot = next_slot + 1 == kStages ? 0 : next_slot + 1;
 
-    const uint4 wg = sw[slot * kWStage + rg * 4 + t];
-    const uint4 w8 = sw[slot * kWStage + (rg + 8) * 4 + t];
     const unsigned short* sh = reinterpret_cast<const unsigned short*>(ss + slot * kSStage);
-    const uint32_t sg = sh[rg * 4 + t], s8 = sh[(rg + 8) * 4 + t];
-    const uint32_t sg2 = sg | (sg << 16), s82 = s8 | (s8 << 16);
     const uint4* xs = sx + slot * kXStage;
-    const uint32_t wgw[4] = {wg.x, wg.y, wg.z, wg.w};
-    const uint32_t w8w[4] = {w8.x, w8.y, w8.z, w8.w};
+    if constexpr (FT == 1) {
+      const uint4 wg = sw[slot * kWStage + rg * 4 + t];
+      const uint4 w8 = sw[slot * kWStage + (rg + 8) * 4 + t];
+      const uint32_t sg = sh[rg * 4 + t], s8 = sh[(rg + 8) * 4 + t];
+      const uint32_t sg2 = sg | (sg << 16), s82 = s8 | (s8 << 16);
+      const uint32_t wgw[4] = {wg.x, wg.y, wg.z, wg.w};
+      const uint32_t w8w[4] = {w8.x, w8.y, w8.z, w8.w};
 #pragma unroll
-    for (int w = 0; w < 4; ++w) {
-      const uint32_t a00 = dq2(wgw[w], 0, sg2), a01 = dq2(w8w[w], 0, s82);
-      const uint32_t a02 = dq2(wgw[w], 4, sg2), a03 = dq2(w8w[w], 4, s82);
-      const uint32_t a10 = dq2(wgw[w], 8, sg2), a11 = dq2(w8w[w], 8, s82);
-      const uint32_t a12 = dq2(wgw[w], 12, sg2), a13 = dq2(w8w[w], 12, s82);
-      const int pc = x_swizzle(g, 4 * t + w);    // row nt*8 + g has the parity of g
+      for (int w = 0; w < 4; ++w) {
+        const uint32_t a00 = dq2(wgw[w], 0, sg2), a01 = dq2(w8w[w], 0, s82);
+        const uint32_t a02 = dq2(wgw[w], 4, sg2), a03 = dq2(w8w[w], 4, s82);
+        const uint32_t a10 = dq2(wgw[w], 8, sg2), a11 = dq2(w8w[w], 8, s82);
+        const uint32_t a12 = dq2(wgw[w], 12, sg2), a13 = dq2(w8w[w], 12, s82);
+        const int pc = x_swizzle(g, 4 * t + w);    // row nt*8 + g has the parity of g
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        const uint4 xv = xs[(nt * 8 + g) * 16 + pc];
-        mma16816(acc[nt], a00, a01, a02, a03, __byte_perm(xv.x, xv.z, 0x5410),
-                 __byte_perm(xv.x, xv.z, 0x7632));
-        mma16816(acc[nt], a10, a11, a12, a13, __byte_perm(xv.y, xv.w, 0x5410),
-                 __byte_perm(xv.y, xv.w, 0x7632));
+        for (int nt = 0; nt < NT; ++nt) {
+          const uint4 xv = xs[(nt * 8 + g) * 16 + pc];
+          mma16816(acc[0][nt], a00, a01, a02, a03, __byte_perm(xv.x, xv.z, 0x5410),
+                   __byte_perm(xv.x, xv.z, 0x7632));
+          mma16816(acc[0][nt], a10, a11, a12, a13, __byte_perm(xv.y, xv.w, 0x5410),
+                   __byte_perm(xv.y, xv.w, 0x7632));
+        }
+      }
+    } else {
+      // Two A tiles. The words of the weights are read kW at a time (16-, 8- or 4-byte loads);
+      // where kW < 4 the loop over them is not unrolled, which keeps the live registers (and
+      // the B loads the compiler hoists) within the 128 of 2 blocks per SM (NT = 8).
+      constexpr int kW = NT == 8 ? 1 : 4;       // 128 registers for NT = 8: one word a load
+      uint32_t sg2[FT], s82[FT];
+#pragma unroll
+      for (int f = 0; f < FT; ++f) {
+        const int r = rg + 16 * f;
+        const uint32_t sg = sh[r * 4 + t], s8 = sh[(r + 8) * 4 + t];
+        sg2[f] = sg | (sg << 16);
+        s82[f] = s8 | (s8 << 16);
+      }
+      const uint32_t* swu = reinterpret_cast<const uint32_t*>(sw + slot * kWStage);
+#pragma unroll 1
+      for (int p = 0; p < 4 / kW; ++p) {
+        uint32_t wgp[FT][kW], w8p[FT][kW];
+#pragma unroll
+        for (int f = 0; f < FT; ++f) {
+          const int ig = ((rg + 16 * f) * 4 + t) * 4 + p * kW;   // word index in the stage
+          const int i8 = ig + 8 * 16;                            // row + 8
+          if constexpr (kW == 4) {
+            const uint4 vg = *reinterpret_cast<const uint4*>(swu + ig);
+            const uint4 v8 = *reinterpret_cast<const uint4*>(swu + i8);
+            wgp[f][0] = vg.x; wgp[f][1] = vg.y; wgp[f][2] = vg.z; wgp[f][3] = vg.w;
+            w8p[f][0] = v8.x; w8p[f][1] = v8.y; w8p[f][2] = v8.z; w8p[f][3] = v8.w;
+          } else if constexpr (kW == 2) {
+            const uint2 vg = *reinterpret_cast<const uint2*>(swu + ig);
+            const uint2 v8 = *reinterpret_cast<const uint2*>(swu + i8);
+            wgp[f][0] = vg.x; wgp[f][1] = vg.y;
+            w8p[f][0] = v8.x; w8p[f][1] = v8.y;
+          } else {
+            wgp[f][0] = swu[ig];
+            w8p[f][0] = swu[i8];
+          }
+        }
+#pragma unroll
+        for (int wi = 0; wi < kW; ++wi) {
+          const int w = p * kW + wi;
+          uint32_t a[FT][2][4];
+#pragma unroll
+          for (int f = 0; f < FT; ++f) {
+            const uint32_t wg = wgp[f][wi], w8 = w8p[f][wi];
+            a[f][0][0] = dq2(wg, 0, sg2[f]);
+            a[f][0][1] = dq2(w8, 0, s82[f]);
+            a[f][0][2] = dq2(wg, 4, sg2[f]);
+            a[f][0][3] = dq2(w8, 4, s82[f]);
+            a[f][1][0] = dq2(wg, 8, sg2[f]);
+            a[f][1][1] = dq2(w8, 8, s82[f]);
+            a[f][1][2] = dq2(wg, 12, sg2[f]);
+            a[f][1][3] = dq2(w8, 12, s82[f]);
+          }
+          const int pc = x_swizzle(g, 4 * t + w);
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt) {
+            const uint4 xv = xs[(nt * 8 + g) * 16 + pc];
+            const uint32_t b00 = __byte_perm(xv.x, xv.z, 0x5410);
+            const uint32_t b01 = __byte_perm(xv.x, xv.z, 0x7632);
+            const uint32_t b10 = __byte_perm(xv.y, xv.w, 0x5410);
+            const uint32_t b11 = __byte_perm(xv.y, xv.w, 0x7632);
+#pragma unroll
+            for (int f = 0; f < FT; ++f) {
+              mma16816(acc[f][nt], a[f][0][0], a[f][0][1], a[f][0][2], a[f][0][3], b00, b01);
+              mma16816(acc[f][nt], a[f][1][0], a[f][1][1], a[f][1][2], a[f][1][3], b10, b11);
+            }
+          }
+        }
       }
     }
     slot = slot + 1 == kStages ? 0 : slot + 1;
   }
   cp_async_wait<0>();
 
-  const int f0 = n0 + rg;                         // features of c0,c1 (f0) and c2,c3 (f0 + 8)
-  auto store = [&](int nt, const float4& v) {
+  // features of A tile f: c0,c1 (f0) and c2,c3 (f0 + 8), f0 = n0 + rg + 16f
+  auto store = [&](int f, int nt, const float4& v) {
+    const int f0 = n0 + rg + 16 * f;
     const int m = m0 + nt * 8 + 2 * t;
     if (m < M) {
       if (f0 < N) out[static_cast<int64_t>(m) * N + f0] = OutT(v.x);
@@ -435,35 +516,71 @@ __global__ void __launch_bounds__(kMmaThreads, MmaCfg<NT>::kMinBlocks)
   };
   if (splits == 1) {
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-      store(nt, make_float4(acc[nt][0], acc[nt][1], acc[nt][2], acc[nt][3]));
+    for (int f = 0; f < FT; ++f)
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+        store(f, nt, make_float4(acc[f][nt][0], acc[f][nt][1], acc[f][nt][2], acc[f][nt][3]));
     return;
   }
 
   const int tile = blockIdx.z * gridDim.x + blockIdx.x;
   float4* tile_part = part + static_cast<int64_t>(tile) * splits * Cfg::kTileF4;
 #pragma unroll
-  for (int nt = 0; nt < NT; ++nt)
-    __stcg(tile_part + static_cast<int64_t>(split) * Cfg::kTileF4 + (warp * NT + nt) * 32 + lane,
-           make_float4(acc[nt][0], acc[nt][1], acc[nt][2], acc[nt][3]));
+  for (int f = 0; f < FT; ++f)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+      __stcg(tile_part + static_cast<int64_t>(split) * Cfg::kTileF4 +
+                 ((warp * FT + f) * NT + nt) * 32 + lane,
+             make_float4(acc[f][nt][0], acc[f][nt][1], acc[f][nt][2], acc[f][nt][3]));
   __threadfence();
   __syncthreads();
   if (tid == 0) s_last = atomicAdd(counters + tile, 1) == splits - 1;
   __syncthreads();
   if (!s_last) return;
   __threadfence();
+  // Sum the partials in split order (the same sums every run), this block's own included (it
+  // is read back from the workspace, so acc can hold the sums). Tiles are summed kC at a time,
+  // kU splits per pass: kC * kU independent loads in flight (32 registers), not one chain.
+  constexpr int kTiles = FT * NT;
+  constexpr int kC = kTiles < 4 ? kTiles : 4;
+  constexpr int kU = 8 / kC > 2 ? 8 / kC : 2;
+  static_assert(kTiles % kC == 0, "tiles in whole chunks");
+  float* accf = &acc[0][0][0];                    // tile i (= f * NT + nt): accf[4i .. 4i+3]
 #pragma unroll
-  for (int nt = 0; nt < NT; ++nt) {
-    const float4 own = make_float4(acc[nt][0], acc[nt][1], acc[nt][2], acc[nt][3]);
-    const int idx = (warp * NT + nt) * 32 + lane;
-    float4 v = split == 0 ? own : __ldcg(tile_part + idx);
-    for (int s = 1; s < splits; ++s) {            // fixed order: the same sums every run
-      const float4 p = s == split ? own : __ldcg(tile_part + static_cast<int64_t>(s) *
-                                                                 Cfg::kTileF4 + idx);
-      v.x += p.x; v.y += p.y; v.z += p.z; v.w += p.w;
+  for (int c0 = 0; c0 < kTiles; c0 += kC) {
+    auto idx = [&](int i) { return ((warp * FT + (c0 + i) / NT) * NT + (c0 + i) % NT) * 32 + lane; };
+#pragma unroll
+    for (int i = 0; i < kC; ++i) {
+      const float4 p = __ldcg(tile_part + idx(i));
+      float* v = accf + 4 * (c0 + i);
+      v[0] = p.x; v[1] = p.y; v[2] = p.z; v[3] = p.w;
     }
-    store(nt, v);
+    for (int s = 1; s < splits; s += kU) {
+      float4 p[kU][kC];
+#pragma unroll
+      for (int u = 0; u < kU; ++u)
+#pragma unroll
+        for (int i = 0; i < kC; ++i)
+          p[u][i] = s + u < splits
+                        ? __ldcg(tile_part + static_cast<int64_t>(s + u) * Cfg::kTileF4 + idx(i))
+                        : make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+      for (int u = 0; u < kU; ++u) {
+        if (s + u < splits) {
+#pragma unroll
+          for (int i = 0; i < kC; ++i) {
+            float* v = accf + 4 * (c0 + i);
+            v[0] += p[u][i].x; v[1] += p[u][i].y; v[2] += p[u][i].z; v[3] += p[u][i].w;
+          }
+        }
+      }
+    }
   }
+#pragma unroll
+  for (int f = 0; f < FT; ++f)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+      store(f, nt, make_float4(acc[f][nt][0], acc[f][nt][1], acc[f][nt][2], acc[f][nt][3]));
   if (tid == 0) counters[tile] = 0;               // ready for the next launch
 }
 
@@ -633,7 +750,7 @@ bool launch_q4_mma_nt(const half* x, const uint32_t* qw, const half* qs, OutT* o
   const auto kernel = q4_mma_kernel<NT, OutT>;
   const KernelInfo& info = kernel_info(reinterpret_cast<const void*>(kernel), Cfg::kSmem, device);
   if (!info.fits) return false;
-  const int col_blocks = (N + kMmaBN - 1) / kMmaBN;
+  const int col_blocks = (N + Cfg::kBN - 1) / Cfg::kBN;
   const int kblocks = (K + kMmaBK - 1) / kMmaBK;
   const int64_t tiles = static_cast<int64_t>(col_blocks) * chunks;
   int64_t splits = g_mma_split.load();
@@ -642,8 +759,10 @@ bool launch_q4_mma_nt(const half* x, const uint32_t* qw, const half* qs, OutT* o
     // wave) and keeping >= 2 K stages per block. Few rows are memory-bound: 2 blocks per SM
     // (of 4-5 resident) keep enough loads in flight, with less split-K traffic; more rows are
     // compute-bound: as many blocks as fit.
+    // Two A tiles per warp (NT >= 4): one block per SM. (On the H100, at M = 32 and 64 with
+    // N = 4096, ~1 block per SM beat 2: fewer, longer blocks and half the split-K partials.)
     int64_t per_sm = g_mma_blocks_per_sm.load();
-    if (per_sm <= 0) per_sm = NT <= 4 ? 2 : info.blocks_per_sm;
+    if (per_sm <= 0) per_sm = Cfg::kFT == 2 ? 1 : NT <= 4 ? 2 : info.blocks_per_sm;
     per_sm = std::max<int64_t>(1, std::min<int64_t>(per_sm, info.blocks_per_sm));
     splits = std::max<int64_t>(1, info.sms * per_sm / tiles);
     splits = std::min<int64_t>(splits, std::max(1, kblocks / 2));
