@@ -74,7 +74,10 @@ def _build_object(source_path: Path, arch: str, cache_dir: Path) -> Path:
     import tvm_ffi
 
     nvcc = nvcc_path()
-    key = hashlib.sha256(source_path.read_bytes() + arch.encode()).hexdigest()[:16]
+    digest = hashlib.sha256(source_path.read_bytes() + arch.encode())
+    for header in sorted(KERNEL_DIR.glob("*.h")):     # the sources include these
+        digest.update(header.read_bytes())
+    key = digest.hexdigest()[:16]
     out = cache_dir / f"mlc-{source_path.stem}-{arch}-{key}.o"
     if out.exists():
         return out

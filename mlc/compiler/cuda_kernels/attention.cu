@@ -55,17 +55,13 @@
 #include <tvm/ffi/extra/c_env_api.h>
 #include <tvm/ffi/function.h>
 
+#include "cuda_check.h"
+
 namespace mlc {
 namespace attn {
 namespace {
 
 using tvm::ffi::TensorView;
-
-#define MLC_ATTN_CUDA_CHECK(expr)                                                       \
-  do {                                                                                  \
-    cudaError_t err_ = (expr);                                                          \
-    TVM_FFI_ICHECK(err_ == cudaSuccess) << "CUDA error: " << cudaGetErrorString(err_);  \
-  } while (0)
 
 constexpr int kPageSize = 16;      // TVM's KV cache page size
 constexpr int kThreads = 128;      // 4 warps per block, both kernels
@@ -730,13 +726,51 @@ int checked_int(int64_t v, const char* what) {
   return static_cast<int>(v);
 }
 
+// q [rows, h_q, d], output of q's shape, lse [rows, h_q]; returns d.
+int check_q_output_lse(const char* fn, const TensorView& q, const TensorView& output,
+                       const TensorView& lse, int device) {
+  check_tensor(q, fn, "q [rows, h_q, d]", 3, kDLFloat, 16, device);
+  const int D = head_dim_of(q, fn);
+  check_tensor(output, fn, "output [rows, h_q, d]", 3, kDLFloat, 16, device);
+  check_tensor(lse, fn, "lse [rows, h_q]", 2, kDLFloat, 32, device);
+  const int64_t rows = q.size(0), h_q = q.size(1);
+  TVM_FFI_ICHECK(output.size(0) == rows && output.size(1) == h_q && output.size(2) == D)
+      << fn << ": output must have q's shape";
+  TVM_FFI_ICHECK(lse.size(0) == rows && lse.size(1) == h_q) << fn << ": lse must be [rows, h_q]";
+  return D;
+}
+
+void check_group(const char* fn, int64_t h_q, int64_t h_kv) {
+  TVM_FFI_ICHECK(h_kv > 0 && h_q % h_kv == 0)
+      << fn << ": h_q (" << h_q << ") must be a multiple of h_kv (" << h_kv << ")";
+}
+
+// The fields both prefill kernels share; the caller adds k/v (ragged) or the pages (paged).
+PrefillParams prefill_params(const TensorView& q, const TensorView& q_indptr,
+                             const TensorView& output, const TensorView& lse, int batch,
+                             int64_t h_kv, int64_t causal, double sm_scale) {
+  PrefillParams prm{};
+  prm.q = data_of<const half>(q);
+  prm.q_indptr = data_of<const int>(q_indptr);
+  prm.out = data_of<half>(output);
+  prm.lse = data_of<float>(lse);
+  prm.batch = batch;
+  prm.h_q = checked_int(q.size(1), "h_q");
+  prm.h_kv = checked_int(h_kv, "h_kv");
+  prm.group = prm.h_q / prm.h_kv;
+  prm.causal = causal != 0;
+  prm.scale_log2 = static_cast<float>(sm_scale * kLog2e);
+  checked_int(q.size(0) * q.size(1), "n * h_q");
+  return prm;
+}
+
 struct DeviceGuard {   // launch on the tensors' device; restore the caller's current device
   int prev = -1;
   explicit DeviceGuard(int device) {
     int cur = 0;
-    MLC_ATTN_CUDA_CHECK(cudaGetDevice(&cur));
+    MLC_CUDA_CHECK(cudaGetDevice(&cur));
     if (cur != device) {
-      MLC_ATTN_CUDA_CHECK(cudaSetDevice(device));
+      MLC_CUDA_CHECK(cudaSetDevice(device));
       prev = cur;
     }
   }
@@ -751,7 +785,7 @@ void allow_smem(const void* kernel, int device, int bytes) {
   static std::set<std::pair<const void*, int>> done;
   std::lock_guard<std::mutex> lock(mu);
   if (done.count({kernel, device})) return;
-  MLC_ATTN_CUDA_CHECK(
+  MLC_CUDA_CHECK(
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
   done.insert({kernel, device});
 }
@@ -763,14 +797,15 @@ int num_sms(int device) {
   auto it = sms.find(device);
   if (it != sms.end()) return it->second;
   int n = 0;
-  MLC_ATTN_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
+  MLC_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
   sms[device] = n;
   return n;
 }
 
 template <bool PAGED>
-void launch_prefill(const PrefillParams& prm, int head_dim, int64_t n_q, int device,
-                    cudaStream_t stream) {
+void launch_prefill(const PrefillParams& prm, int head_dim, int64_t n_q, int device) {
+  DeviceGuard guard(device);
+  auto stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, device));
   // an upper bound on sum_b ceil(qo_len_b * group / 64): blocks past the last tile exit at once
   const int64_t slots = (n_q * prm.group + kBlockM - 1) / kBlockM + prm.batch;
   const int64_t blocks = slots * prm.h_kv;
@@ -784,7 +819,7 @@ void launch_prefill(const PrefillParams& prm, int head_dim, int64_t n_q, int dev
     allow_smem(reinterpret_cast<const void*>(prefill_kernel<128, PAGED>), device, smem);
     prefill_kernel<128, PAGED><<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(prm);
   }
-  MLC_ATTN_CUDA_CHECK(cudaGetLastError());
+  MLC_CUDA_CHECK(cudaGetLastError());
 }
 
 void AttnPrefillRagged(TensorView q, TensorView q_indptr, TensorView k, TensorView v,
@@ -795,46 +830,26 @@ void AttnPrefillRagged(TensorView q, TensorView q_indptr, TensorView k, TensorVi
   constexpr const char* fn = "mlc.cuda.attn_prefill_ragged";
   check_rope(fn, rotary_mode);
   const int device = q.device().device_id;
-  check_tensor(q, fn, "q [n, h_q, d]", 3, kDLFloat, 16, device);
-  const int D = head_dim_of(q, fn);
+  const int D = check_q_output_lse(fn, q, output, lse, device);
   check_tensor(k, fn, "k [n_kv, h_kv, d]", 3, kDLFloat, 16, device);
   check_tensor(v, fn, "v [n_kv, h_kv, d]", 3, kDLFloat, 16, device);
-  check_tensor(output, fn, "output [n, h_q, d]", 3, kDLFloat, 16, device);
-  check_tensor(lse, fn, "lse [n, h_q]", 2, kDLFloat, 32, device);
+  const int64_t h_kv = k.size(1);
+  check_group(fn, q.size(1), h_kv);
   check_tensor(q_indptr, fn, "q_indptr [batch + 1]", 1, kDLInt, 32, device);
   check_tensor(kv_indptr, fn, "kv_indptr [batch + 1]", 1, kDLInt, 32, device);
-  const int64_t n_q = q.size(0), h_q = q.size(1), h_kv = k.size(1);
   TVM_FFI_ICHECK(k.size(2) == D && v.size(0) == k.size(0) && v.size(1) == h_kv && v.size(2) == D)
       << fn << ": k and v must both be [n_kv, h_kv, " << D << "]";
-  TVM_FFI_ICHECK(output.size(0) == n_q && output.size(1) == h_q && output.size(2) == D)
-      << fn << ": output must have q's shape";
-  TVM_FFI_ICHECK(lse.size(0) == n_q && lse.size(1) == h_q) << fn << ": lse must be [n, h_q]";
-  TVM_FFI_ICHECK(h_kv > 0 && h_q % h_kv == 0)
-      << fn << ": h_q (" << h_q << ") must be a multiple of h_kv (" << h_kv << ")";
   TVM_FFI_ICHECK_GE(q_indptr.size(0), 1) << fn << ": q_indptr must have batch + 1 entries";
   TVM_FFI_ICHECK_EQ(kv_indptr.size(0), q_indptr.size(0))
       << fn << ": q_indptr and kv_indptr must both have batch + 1 entries";
   const int batch = checked_int(q_indptr.size(0) - 1, "batch");
-  if (n_q == 0 || batch == 0) return;
+  if (q.size(0) == 0 || batch == 0) return;
 
-  PrefillParams prm{};
-  prm.q = data_of<const half>(q);
-  prm.q_indptr = data_of<const int>(q_indptr);
+  PrefillParams prm = prefill_params(q, q_indptr, output, lse, batch, h_kv, causal, sm_scale);
   prm.k = data_of<const half>(k);
   prm.v = data_of<const half>(v);
   prm.kv_indptr = data_of<const int>(kv_indptr);
-  prm.out = data_of<half>(output);
-  prm.lse = data_of<float>(lse);
-  prm.batch = batch;
-  prm.h_q = checked_int(h_q, "h_q");
-  prm.h_kv = checked_int(h_kv, "h_kv");
-  prm.group = static_cast<int>(h_q / h_kv);
-  prm.causal = causal != 0;
-  prm.scale_log2 = static_cast<float>(sm_scale * kLog2e);
-  checked_int(n_q * h_q, "n * h_q");
-  DeviceGuard guard(device);
-  auto stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, device));
-  launch_prefill<false>(prm, D, n_q, device, stream);
+  launch_prefill<false>(prm, D, q.size(0), device);
 }
 
 // length_info is last_page_len [batch] for caches without a sliding window (the only kind the
@@ -868,41 +883,21 @@ void AttnPrefillPaged(TensorView q, TensorView qo_indptr, TensorView pages, Tens
   constexpr const char* fn = "mlc.cuda.attn_prefill_paged";
   check_rope(fn, rotary_mode);
   const int device = q.device().device_id;
-  check_tensor(q, fn, "q [n, h_q, d]", 3, kDLFloat, 16, device);
-  const int D = head_dim_of(q, fn);
-  check_tensor(output, fn, "output [n, h_q, d]", 3, kDLFloat, 16, device);
-  check_tensor(lse, fn, "lse [n, h_q]", 2, kDLFloat, 32, device);
+  const int D = check_q_output_lse(fn, q, output, lse, device);
   check_tensor(qo_indptr, fn, "qo_indptr [batch + 1]", 1, kDLInt, 32, device);
   TVM_FFI_ICHECK_GE(qo_indptr.size(0), 1) << fn << ": qo_indptr must have batch + 1 entries";
   check_paged(fn, pages, page_indptr, page_indices, length_info, D, qo_indptr.size(0), device);
-  const int64_t n_q = q.size(0), h_q = q.size(1), h_kv = pages.size(2);
-  TVM_FFI_ICHECK(output.size(0) == n_q && output.size(1) == h_q && output.size(2) == D)
-      << fn << ": output must have q's shape";
-  TVM_FFI_ICHECK(lse.size(0) == n_q && lse.size(1) == h_q) << fn << ": lse must be [n, h_q]";
-  TVM_FFI_ICHECK(h_kv > 0 && h_q % h_kv == 0)
-      << fn << ": h_q (" << h_q << ") must be a multiple of h_kv (" << h_kv << ")";
+  const int64_t h_kv = pages.size(2);
+  check_group(fn, q.size(1), h_kv);
   const int batch = checked_int(qo_indptr.size(0) - 1, "batch");
-  if (n_q == 0 || batch == 0) return;
+  if (q.size(0) == 0 || batch == 0) return;
 
-  PrefillParams prm{};
-  prm.q = data_of<const half>(q);
-  prm.q_indptr = data_of<const int>(qo_indptr);
+  PrefillParams prm = prefill_params(q, qo_indptr, output, lse, batch, h_kv, causal, sm_scale);
   prm.pages = data_of<const half>(pages);
   prm.page_indptr = data_of<const int>(page_indptr);
   prm.page_indices = data_of<const int>(page_indices);
   prm.last_page_len = data_of<const int>(length_info);
-  prm.out = data_of<half>(output);
-  prm.lse = data_of<float>(lse);
-  prm.batch = batch;
-  prm.h_q = checked_int(h_q, "h_q");
-  prm.h_kv = checked_int(h_kv, "h_kv");
-  prm.group = static_cast<int>(h_q / h_kv);
-  prm.causal = causal != 0;
-  prm.scale_log2 = static_cast<float>(sm_scale * kLog2e);
-  checked_int(n_q * h_q, "n * h_q");
-  DeviceGuard guard(device);
-  auto stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, device));
-  launch_prefill<true>(prm, D, n_q, device, stream);
+  launch_prefill<true>(prm, D, q.size(0), device);
 }
 
 // Per-device decode workspace: split counters (kept at zero between launches), partial lse and
@@ -932,7 +927,7 @@ DecodeWorkspace decode_workspace(int device, size_t n_counters, size_t n_partial
     n.counters = std::max(e.counters, need_c);
     n.lse = std::max(e.lse, need_l);
     n.o = std::max(e.o, need_o);
-    MLC_ATTN_CUDA_CHECK(cudaMalloc(&n.base, (n.counters + n.lse + n.o) * 4));
+    MLC_CUDA_CHECK(cudaMalloc(&n.base, (n.counters + n.lse + n.o) * 4));
     n.needs_zero = true;
     e = n;
   }
@@ -944,7 +939,7 @@ DecodeWorkspace decode_workspace(int device, size_t n_counters, size_t n_partial
       (void)cudaGetLastError();
       status = cudaStreamCaptureStatusActive;
     }
-    MLC_ATTN_CUDA_CHECK(cudaMemsetAsync(e.base, 0, e.counters * 4, stream));
+    MLC_CUDA_CHECK(cudaMemsetAsync(e.base, 0, e.counters * 4, stream));
     if (status == cudaStreamCaptureStatusNone) e.needs_zero = false;
   }
   int* counters = reinterpret_cast<int*>(e.base);
@@ -971,18 +966,11 @@ void AttnDecodePaged(TensorView q, TensorView pages, TensorView page_indptr,
   constexpr const char* fn = "mlc.cuda.attn_decode_paged";
   check_rope(fn, rotary_mode);
   const int device = q.device().device_id;
-  check_tensor(q, fn, "q [batch, h_q, d]", 3, kDLFloat, 16, device);
-  const int D = head_dim_of(q, fn);
-  check_tensor(output, fn, "output [batch, h_q, d]", 3, kDLFloat, 16, device);
-  check_tensor(lse, fn, "lse [batch, h_q]", 2, kDLFloat, 32, device);
+  const int D = check_q_output_lse(fn, q, output, lse, device);
   const int64_t B = q.size(0), h_q = q.size(1);
   check_paged(fn, pages, page_indptr, page_indices, length_info, D, B + 1, device);
   const int64_t h_kv = pages.size(2);
-  TVM_FFI_ICHECK(output.size(0) == B && output.size(1) == h_q && output.size(2) == D)
-      << fn << ": output must have q's shape";
-  TVM_FFI_ICHECK(lse.size(0) == B && lse.size(1) == h_q) << fn << ": lse must be [batch, h_q]";
-  TVM_FFI_ICHECK(h_kv > 0 && h_q % h_kv == 0)
-      << fn << ": h_q (" << h_q << ") must be a multiple of h_kv (" << h_kv << ")";
+  check_group(fn, h_q, h_kv);
   TVM_FFI_ICHECK_LE(B, 65535) << fn << ": batch " << B << " exceeds the grid limit (65535)";
   if (B == 0) return;
 
@@ -1023,7 +1011,7 @@ void AttnDecodePaged(TensorView q, TensorView pages, TensorView page_indptr,
     allow_smem(reinterpret_cast<const void*>(decode_kernel<128>), device, smem);
     decode_kernel<128><<<grid, kThreads, smem, stream>>>(prm);
   }
-  MLC_ATTN_CUDA_CHECK(cudaGetLastError());
+  MLC_CUDA_CHECK(cudaGetLastError());
 }
 
 }  // namespace

@@ -34,6 +34,8 @@
 #include <tvm/ffi/extra/c_env_api.h>
 #include <tvm/ffi/function.h>
 
+#include "cuda_check.h"
+
 namespace mlc {
 namespace {
 
@@ -42,12 +44,6 @@ using tvm::ffi::TensorView;
 constexpr int kGroup = 32;
 constexpr int kMaxGemvRows = 8;    // rows handled by one pass of the fused GEMV
 constexpr int kGemvMaxM = 8;       // up to this, the fused GEMV; above, dequantize + cuBLAS
-
-#define MLC_CUDA_CHECK(expr)                                                          \
-  do {                                                                                \
-    cudaError_t err_ = (expr);                                                        \
-    TVM_FFI_ICHECK(err_ == cudaSuccess) << "CUDA error: " << cudaGetErrorString(err_); \
-  } while (0)
 
 // ---------------------------------------------------------------------------------------------
 // Fused dequantize + GEMV for few rows. A block of 4 warps covers 4*FEAT output features; the
