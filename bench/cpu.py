@@ -190,17 +190,16 @@ def bench_llama_cpp(gguf: Path, threads: int, runs: int) -> dict | None:
 
 
 def _machine() -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from mlc.compiler.target import parse_device
+    from mlc.support.cpu_info import NOTABLE_FEATURES, cpu_model, describe_cpu_target, host_flags
+
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
-            "python": platform.python_version(), "load_avg_at_start": load}
+    flags = [f for f in host_flags() if f.replace("_", "") in
+             {n.replace(".", "").replace("-", "") for n in NOTABLE_FEATURES}]
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "host_flags": flags,
+            "compiled_for": describe_cpu_target(parse_device("cpu").tvm_target()),
+            "platform": platform.platform(), "python": platform.python_version(),
+            "load_avg_at_start": load}
 
 
 def main(argv: list[str] | None = None) -> int:

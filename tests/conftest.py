@@ -113,3 +113,14 @@ def slow_decode(monkeypatch):
 
         monkeypatch.setattr(engine.model, "decode", slow)
     return apply
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Name the CPU targets the libraries of this run were built for (shown with -q too)."""
+    from helpers import host_mcpu
+
+    from mlc.support.cpu_info import cpu_model
+
+    terminalreporter.write_line(
+        f"CPU libraries built for this host ({cpu_model()}: -mcpu={host_mcpu()}) and, in "
+        "test_compile, for the portable cpu:x86-64-v3 (AVX2) as well")

@@ -276,6 +276,13 @@ def library_key(mlc_dir: str | Path, device: str = "cpu", overrides: str | None 
     return h.hexdigest()[:20]
 
 
+def host_mcpu() -> str:
+    """LLVM's name for this machine's CPU (what a plain `cpu` library is built for)."""
+    from tvm.target import codegen
+
+    return codegen.llvm_get_system_cpu()
+
+
 def build_lib(mlc_dir: str | Path, device: str = "cpu", overrides: str | None = None,
               opt: str = "O2") -> Path:
     """Compile `mlc_dir` for `device` (once: cached by content under TEST_CACHE_DIR); the
@@ -291,16 +298,14 @@ def build_lib(mlc_dir: str | Path, device: str = "cpu", overrides: str | None = 
 
 
 def load_model(mlc_dir: str | Path, lib: str | Path, max_batch_size: int = 4,
-               max_total_sequence_length: int = 256, prefill_chunk_size: int | None = None,
-               sliding_window: bool = False):
+               max_total_sequence_length: int = 256, prefill_chunk_size: int | None = None):
     """A CPU `LoadedModel` with its KV cache created."""
     from mlc.runtime.model import KVCacheConfig, LoadedModel
     from mlc.support.chat_config import ChatConfig
 
     model = LoadedModel(mlc_dir, lib, device="cpu")
     chunk = prefill_chunk_size or ChatConfig.load(mlc_dir).prefill_chunk_size
-    model.create_kv_cache(KVCacheConfig(max_batch_size, max_total_sequence_length, chunk,
-                                        sliding_window=sliding_window))
+    model.create_kv_cache(KVCacheConfig(max_batch_size, max_total_sequence_length, chunk))
     return model
 
 

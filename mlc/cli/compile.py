@@ -17,6 +17,8 @@ from mlc.compiler.target import UNSUPPORTED
 DEVICES = {
     "auto": "cuda:sm_XX of the local GPU, else cpu (default)",
     "cpu": "this machine's CPU (llvm, host arch)",
+    "cpu:MCPU": "another x86/Arm CPU by LLVM name: cpu:x86-64-v3 runs on any AVX2 CPU, "
+                "cpu:x86-64-v4 on any AVX-512 CPU; also cpu:znver4, cpu:sapphirerapids, ...",
     "cuda:sm_XX": "NVIDIA, e.g. cuda:sm_90a (H100), cuda:sm_80 (A100); plain `cuda` needs a "
                   "local GPU to read the arch from",
     "opencl": "OpenCL GPUs (kernels as OpenCL C inside the .so)",

@@ -19,6 +19,7 @@ from typing import Any
 from mlc.compiler.target import DeviceTarget, parse_device
 from mlc.errors import CompileError, MLCError
 from mlc.support.chat_config import ChatConfig
+from mlc.support.cpu_info import describe_cpu_target
 from mlc.support.versions import LIBRARY_VERSION as COMPILER_VERSION
 
 logger = logging.getLogger(__name__)
@@ -69,8 +70,9 @@ def model_config_for(chat: ChatConfig, overrides: dict[str, int]):
     return get_model(chat.model_type).config_from_dict(data)
 
 
-def build_pipeline(dev: DeviceTarget, opt: str):
-    """All passes from the exported IRModule to VM-ready code, in phases."""
+def build_pipeline(dev: DeviceTarget, opt: str, sliding_window: int = 0):
+    """All passes from the exported IRModule to VM-ready code, in phases. `sliding_window` is
+    the layer window the model's KV cache was built with (`kv_cache_window`)."""
     import tvm
     from tvm import relax
 
@@ -87,7 +89,7 @@ def build_pipeline(dev: DeviceTarget, opt: str):
          relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR(),
          relax.transform.DeadCodeElimination()],
         # phase 4: device schedules
-        schedules.passes(dev, opt),
+        schedules.passes(dev, opt, sliding_window),
         # phase 5: memory planning and VM lowering
         [relax.transform.RewriteDataflowReshape(), relax.transform.ToNonDataflow(),
          relax.transform.RemovePurityChecking(), relax.transform.CallTIRRewrite(),
@@ -144,6 +146,7 @@ def library_metadata(chat: ChatConfig, config, quantization, named_params, dev: 
                    for n, p in named_params],
         "activation_bytes": _activation_bytes(config, dtype_bytes),
         "device": dev.device, "opt": opt, "compiler_version": COMPILER_VERSION,
+        **({"cpu": describe_cpu_target(dev.tvm_target())} if dev.kind == "cpu" else {}),
     }
 
 
@@ -202,6 +205,10 @@ def compile_model(model_dir: str | Path, device: str, output: str | Path,
     config = model_config_for(chat, overrides)
     info = get_model(chat.model_type)
     _say(quiet, f"compiling {chat.model_type} {q.name} for {dev.device} ({opt}) ...")
+    if dev.kind == "cpu":
+        cpu = describe_cpu_target(dev.tvm_target())
+        _say(quiet, f"  host CPU: {cpu['cpu_model']}; code for -mcpu={cpu['mcpu']} "
+                    f"({' '.join(cpu['features']) or 'baseline x86-64'})")
     try:
         lib = build_library(info, config, chat, q, dev, opt)
     except MLCError:
@@ -239,9 +246,11 @@ def build_library(info, config, chat, quantization, dev: DeviceTarget, opt: str)
     cuda_graphs = dev.kind == "cuda" and opt in ("O2", "O3")
     if cuda_graphs:
         mod = _capture_batch_decode(mod)
-    config = {"relax.backend.use_cuda_graph": cuda_graphs}
-    with tvm.transform.PassContext(config=config):
-        ex = relax.build(mod, target, relax_pipeline=build_pipeline(dev, opt))
+    from mlc.models.common import kv_cache_window
+
+    pipeline = build_pipeline(dev, opt, kv_cache_window(getattr(config, "sliding_window_size", -1)))
+    with tvm.transform.PassContext(config={"relax.backend.use_cuda_graph": cuda_graphs}):
+        ex = relax.build(mod, target, relax_pipeline=pipeline)
     return ex, metadata
 
 

@@ -14,9 +14,9 @@ PrimFunc gets the first rule that applies:
   4 rows x 4 features register tile runs without bounds checks.
 * rows (RMSNorm, softmax, ...): parallel over rows, the last dimension vectorized.
 * elementwise: one fused loop, vectorized inner part, parallel outer part.
-* attention: TVM's CPU decode and ragged-prefill kernels are replaced by `cpu_attention`'s;
-  the paged-prefill kernel gets a parallel head loop and a row loop bounded by the real KV
-  length (`parallel_attention`).
+* attention: TVM's CPU attention kernels are replaced by `cpu_attention`'s (at every opt
+  level); a kernel it does not cover gets a parallel head loop and a row loop bounded by the
+  real KV length (`parallel_attention`).
 
 Kernels with little work stay single-threaded: a parallel launch costs microseconds, more
 than a 576-element RMSNorm. Measurements behind each choice: bench/NOTES.md.
@@ -587,12 +587,11 @@ def schedule_cpu(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     for gv, func in mod.functions.items():
         if not isinstance(func, tirx.PrimFunc) or func.attrs is None:
             continue
-        attention = cpu_attention.replacement(gv.name_hint, func) \
-            or parallel_attention(gv.name_hint, func)
+        if func.attrs.get("tirx.is_scheduled", False):   # mlc's attention kernels, say
+            continue
+        attention = parallel_attention(gv.name_hint, func)
         if attention is not None:
             updates[gv] = attention
-            continue
-        if func.attrs.get("tirx.is_scheduled", False):
             continue
         scheduled = schedule_func(func)
         if scheduled is not None:
@@ -604,8 +603,8 @@ def schedule_cpu(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     return mod
 
 
-def passes(opt: str) -> list:
-    """The CPU scheduling passes of an opt level."""
-    if opt == "O0":
-        return []
-    return [schedule_cpu]
+def passes(opt: str, sliding_window: int = 0) -> list:
+    """The CPU passes of an opt level. mlc's attention kernels replace TVM's at every level,
+    O0 included: TVM's paged-prefill kernel gives wrong results (see `cpu_attention`)."""
+    replace = cpu_attention.replace_attention(sliding_window)
+    return [replace] if opt == "O0" else [replace, schedule_cpu]

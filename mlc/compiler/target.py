@@ -56,11 +56,18 @@ def detect_cuda_arch() -> str | None:
     return arch_for_compute_capability(cap)
 
 
-def _cpu_target() -> dict:
+def _cpu_target(mcpu: str = "") -> dict:
+    """An llvm target for this machine's triple: for its own CPU, or for `mcpu` (an LLVM CPU
+    name such as x86-64-v3, the portable AVX2 baseline, or znver4, sapphirerapids)."""
     from tvm.target import codegen
 
-    return {"kind": "llvm", "mtriple": codegen.llvm_get_system_triple(),
-            "mcpu": codegen.llvm_get_system_cpu()}
+    triple = codegen.llvm_get_system_triple()
+    if mcpu and not codegen.llvm_is_valid_cpu(mcpu, triple):
+        raise CompileError(
+            f"Unknown CPU {mcpu!r} for {triple}: use an LLVM CPU name, e.g. cpu:x86-64-v3 "
+            "(any AVX2 CPU), cpu:x86-64-v4 (AVX-512), cpu:znver4, cpu:sapphirerapids, or plain "
+            "cpu for this machine.", param="device")
+    return {"kind": "llvm", "mtriple": triple, "mcpu": mcpu or codegen.llvm_get_system_cpu()}
 
 
 def parse_device(device: str) -> DeviceTarget:
@@ -71,7 +78,7 @@ def parse_device(device: str) -> DeviceTarget:
         arch = detect_cuda_arch()
         return parse_device(f"cuda:{arch}" if arch else "cpu")
     if base in ("cpu", "llvm"):
-        return DeviceTarget("cpu", "cpu", _cpu_target())
+        return DeviceTarget(f"cpu:{arch}" if arch else "cpu", "cpu", _cpu_target(arch))
     if base in UNSUPPORTED:
         raise CompileError(f"Device {base!r} cannot be built here: {UNSUPPORTED[base]}.",
                            param="device")
@@ -97,5 +104,5 @@ def parse_device(device: str) -> DeviceTarget:
         return DeviceTarget("webgpu", "webgpu", {"kind": "webgpu"},
                             {"kind": "llvm", "mtriple": "wasm32-unknown-unknown-wasm"})
     raise CompileError(
-        f"Unknown device {device!r}. Use one of: auto, cpu, cuda, cuda:sm_XX, opencl, webgpu "
+        f"Unknown device {device!r}. Use one of: auto, cpu, cpu:MCPU, cuda, cuda:sm_XX, opencl, webgpu "
         f"(not buildable with the PyPI TVM wheel: {', '.join(UNSUPPORTED)}).", param="device")

@@ -165,6 +165,15 @@ def _cpu_tree_attention_fix():
         kv_mod.tree_attn_cpu, kv_mod.tree_attn_with_paged_kv_cache_cpu = a, b
 
 
+# The window TVM's cache is given when no layer slides (it builds sliding kernels regardless).
+UNUSED_LAYER_WINDOW = 1024
+
+
+def kv_cache_window(sliding_window: int | None) -> int:
+    """The layer window size a model's KV cache (and its CPU attention kernels) is built with."""
+    return sliding_window if sliding_window and sliding_window > 0 else UNUSED_LAYER_WINDOW
+
+
 def create_kv_cache(model: CausalLMBase, max_batch_size, max_total_seq_len, prefill_chunk_size,
                     page_size, support_sliding_window, *, num_layers, num_q_heads, num_kv_heads,
                     head_dim, rope_theta, rope_scaling, sliding_window):
@@ -189,4 +198,4 @@ def create_kv_cache(model: CausalLMBase, max_batch_size, max_total_seq_len, pref
             mla_original_v_head_dim=0, rope_mode=RopeMode.NORMAL, rope_scale=1,
             rope_theta=rope_theta, rope_scaling=rope_scaling, rope_ext_factors=rx.prim_value(0),
             rotary_dim=head_dim, enable_disaggregation=False, dtype=model.dtype, target=target,
-            layer_sliding_window_size=sliding_window if sliding_window > 0 else 1024)
+            layer_sliding_window_size=kv_cache_window(sliding_window))

@@ -48,8 +48,9 @@ class Config:
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                 f"num_key_value_heads={self.num_key_value_heads}.")
         if self.sliding_window_size > 0:
-            # A chunk must fit the window, and stay below it: TVM 0.27's CPU sliding-window
-            # kernel turns a query row that sees no cached key (row window-1 of a chunk) into NaN.
+            # A chunk must fit in the window: attention within a chunk (the ragged kernel)
+            # applies no window. One below it keeps every query seeing at least one cached
+            # key, a case TVM 0.27's GPU sliding-window kernel gets wrong.
             self.prefill_chunk_size = min(self.prefill_chunk_size, self.sliding_window_size - 1)
 
     @classmethod

@@ -107,8 +107,7 @@ class _EngineBase:
                            time.perf_counter() - t0, self.plan.describe())
         self.model.create_kv_cache(KVCacheConfig(
             self.plan.max_batch_size, self.plan.max_total_sequence_length,
-            self.plan.prefill_chunk_size,
-            sliding_window=self.model.metadata.get("sliding_window_size", -1) > 0))
+            self.plan.prefill_chunk_size))
         self.tokenizer = _load_tokenizer(self.model_dir)
         self.tracer = Tracer(enabled=enable_tracing)
         self.core = EngineCore(self.model, EngineLimits(

@@ -30,7 +30,6 @@ class KVCacheConfig:
     max_total_sequence_length: int
     prefill_chunk_size: int
     page_size: int = 16
-    sliding_window: bool = False
 
 
 def read_library_metadata(lib_path: str | Path, device: str = "cpu") -> dict:
@@ -183,7 +182,11 @@ class LoadedModel:
         self.kv_cache = self._fn["create_paged_kv_cache"](
             ShapeTuple([cfg.max_batch_size]), ShapeTuple([cfg.max_total_sequence_length]),
             ShapeTuple([cfg.prefill_chunk_size]), ShapeTuple([cfg.page_size]),
-            ShapeTuple([int(cfg.sliding_window)]))
+            # support_sliding_window stays 0 even for sliding-window models: their layers
+            # carry the window ("mha_sliding"), and TVM turns this flag into inline RoPE
+            # (keys rotated at every attention call, theta fixed at 10000), which mlc's
+            # models and CPU kernels do not use.
+            ShapeTuple([0]))
 
     def add_sequence(self, seq_id: int) -> None:
         self._add_seq(self.kv_cache, seq_id)

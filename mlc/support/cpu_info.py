@@ -1,0 +1,49 @@
+"""What CPU this is and what a CPU library was compiled for (recorded in the library's
+metadata, printed by `mlc compile`, written by bench/cpu.py)."""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+# The x86 features that decide which vector code LLVM may emit (a subset of LLVM's names).
+NOTABLE_FEATURES = ("sse4.2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl",
+                    "avx512vnni", "avx512bf16", "avx512fp16", "avxvnni", "amx-tile", "amx-int8",
+                    "amx-bf16", "neon", "sve", "dotprod", "i8mm")
+
+
+def cpu_model() -> str:
+    """The host CPU's marketing name ("Intel(R) Xeon(R) ..."), or the platform's guess."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def host_flags() -> list[str]:
+    """The host's CPU flags as the kernel reports them (Linux), else []."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line.split(":", 1)[1].split()
+    except OSError:
+        pass
+    return []
+
+
+def target_features(target) -> list[str]:
+    """The notable features an llvm Target's code may use (LLVM's view of its -mcpu/-mattr)."""
+    from tvm.target import codegen
+
+    features = set(codegen.llvm_get_cpu_features(target))
+    return [f for f in NOTABLE_FEATURES if f in features]
+
+
+def describe_cpu_target(target) -> dict:
+    """The record kept with a CPU library: host model and core count, -mcpu, features."""
+    return {"cpu_model": cpu_model(), "cores": os.cpu_count(),
+            "mcpu": str(target.attrs.get("mcpu", "")), "features": target_features(target)}
