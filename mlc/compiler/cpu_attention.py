@@ -35,11 +35,23 @@ LANES = 8
 NO_SCORE = -50000.0  # TVM's starting running max (and the lse of a query that sees no key)
 
 
-def _attention_macros(d: int):
+def _attention_macros(d: int, paged: bool):
     """The math every kernel shares, on float32 scratch buffers of one (query, head) task:
     `start` loads the scaled query and clears the state; `attend_block` folds one block of
-    `rows` keys (gathered into k_blk/v_blk) into the online softmax; `finish` writes out."""
+    `rows` keys into the online softmax; `finish` writes out. Key r of a block is row
+    loc[r, 0] of k/v [n, h_kv, d] (ragged), or slot loc[r, 1] of page loc[r, 0] of the
+    pages [p, 2, h_kv, page, d] (paged; k and v are then both the pages)."""
     chunks, tail = d // LANES, d % LANES
+
+    def key(k, row, slot, kv_head, i):
+        if paged:
+            return T.Cast("float32", k[row, 0, kv_head, slot, i])
+        return T.Cast("float32", k[row, kv_head, i])
+
+    def value(v, row, slot, kv_head, i):
+        if paged:
+            return T.Cast("float32", v[row, 1, kv_head, slot, i])
+        return T.Cast("float32", v[row, kv_head, i])
 
     @T.macro
     def start(q_loc, o_loc, state, q_buf, q_row, q_head, scale):
@@ -50,16 +62,20 @@ def _attention_macros(d: int):
         state[1] = T.float32(1.0)             # running sum d
 
     @T.macro
-    def attend_block(rows, k_blk, v_blk, q_loc, o_loc, part, score, state):
+    def attend_block(rows, k, v, loc, kv_head, q_loc, o_loc, part, score, state):
         state[2] = T.float32(NO_SCORE)        # this block's max
         for r in range(rows):
+            row: T.let[T.int32] = loc[r, 0]
+            slot: T.let[T.int32] = loc[r, 1]
             for lane in T.vectorized(LANES):
                 part[lane] = T.float32(0)
             for c in range(chunks):
                 for lane in T.vectorized(LANES):
-                    part[lane] = part[lane] + q_loc[c * LANES + lane] * k_blk[r, c * LANES + lane]
+                    part[lane] = part[lane] + q_loc[c * LANES + lane] * key(
+                        k, row, slot, kv_head, c * LANES + lane)
             for i in range(tail):
-                part[0] = part[0] + q_loc[chunks * LANES + i] * k_blk[r, chunks * LANES + i]
+                part[0] = part[0] + q_loc[chunks * LANES + i] * key(
+                    k, row, slot, kv_head, chunks * LANES + i)
             score[r] = ((part[0] + part[1]) + (part[2] + part[3])) + (
                 (part[4] + part[5]) + (part[6] + part[7]))
             state[2] = T.max(state[2], score[r])
@@ -69,10 +85,12 @@ def _attention_macros(d: int):
             o_loc[i] = o_loc[i] * T.exp2(state[0] - state[3])
         state[0] = state[3]
         for r in range(rows):
+            row: T.let[T.int32] = loc[r, 0]
+            slot: T.let[T.int32] = loc[r, 1]
             state[3] = T.exp2(score[r] - state[0])
             state[1] = state[1] + state[3]
             for i in T.vectorized(d):
-                o_loc[i] = o_loc[i] + state[3] * v_blk[r, i]
+                o_loc[i] = o_loc[i] + state[3] * value(v, row, slot, kv_head, i)
 
     @T.macro
     def finish(o_loc, state, out_buf, lse_buf, row, head, dtype):
@@ -84,18 +102,15 @@ def _attention_macros(d: int):
 
 
 @T.macro
-def _gather_paged_block(k_blk, v_blk, pages, page_values, begin, kv_head, first_key, rows,
-                        sink, offset, page_size, d):
-    """Keys first_key .. first_key + rows - 1 of a sequence's view into k_blk/v_blk. Key i
-    sits at position i before the attention sink and at i - sink + offset after it (the
-    sliding window's start within its first page; both 0 without a window)."""
+def _locate_paged_block(loc, page_values, begin, first_key, rows, sink, offset, page_size):
+    """loc[r] = (page, slot) of keys first_key + r of a sequence's view. Key i sits at
+    position i before the attention sink and at i - sink + offset after it (the sliding
+    window's start within its first page; both 0 without a window)."""
     for r in range(rows):
         key: T.let[T.int32] = first_key + r
         pos: T.let[T.int32] = T.if_then_else(key < sink, key, key - sink + offset)
-        page: T.let[T.int32] = page_values[begin + pos // page_size]
-        for i in T.vectorized(d):
-            k_blk[r, i] = T.Cast("float32", pages[page, 0, kv_head, pos % page_size, i])
-            v_blk[r, i] = T.Cast("float32", pages[page, 1, kv_head, pos % page_size, i])
+        loc[r, 0] = page_values[begin + pos // page_size]
+        loc[r, 1] = pos % page_size
 
 
 def _length_info(sliding: bool):
@@ -112,7 +127,7 @@ def decode_kernel(h_q: int, h_kv: int, d: int, dtype: str, page_size: int = BLOC
     """`batch_decode_paged_kv_cpu[_sliding_window]`: one new token per sequence against its
     pages (the cache appends it before attention, and for a window keeps only its pages)."""
     group = h_q // h_kv
-    start, attend_block, finish = _attention_macros(d)
+    start, attend_block, finish = _attention_macros(d, paged=True)
     last_len, window_offset, sink_len = _length_info(sliding)
     info_shape = (lambda b: (3, b)) if sliding else (lambda b: (b,))
     name = "batch_decode_paged_kv_cpu" + ("_sliding_window" if sliding else "")
@@ -157,8 +172,7 @@ def decode_kernel(h_q: int, h_kv: int, d: int, dtype: str, page_size: int = BLOC
                 T.writes(output[0:B, 0:h_q, 0:d], lse[0:B, 0:h_q])
                 q_loc = T.sblock_alloc_buffer((d,), "float32")
                 o_loc = T.sblock_alloc_buffer((d,), "float32")
-                k_blk = T.sblock_alloc_buffer((BLOCK, d), "float32")
-                v_blk = T.sblock_alloc_buffer((BLOCK, d), "float32")
+                loc = T.sblock_alloc_buffer((BLOCK, 2), "int32")
                 part = T.sblock_alloc_buffer((LANES,), "float32")
                 score = T.sblock_alloc_buffer((BLOCK,), "float32")
                 state = T.sblock_alloc_buffer((4,), "float32")   # m, sum, block max, p
@@ -172,10 +186,11 @@ def decode_kernel(h_q: int, h_kv: int, d: int, dtype: str, page_size: int = BLOC
                 start(q_loc, o_loc, state, Q, b, h, sm_scale * T.float32(LOG2E))
                 for blk in range((n_keys + BLOCK - 1) // BLOCK):
                     rows: T.let[T.int32] = T.min(BLOCK, n_keys - blk * BLOCK)
-                    _gather_paged_block(k_blk, v_blk, pages, page_table_values, begin,
-                                        h // group, blk * BLOCK, rows, sink_len(length_info, b),
-                                        window_offset(length_info, b), page_size, d)
-                    attend_block(rows, k_blk, v_blk, q_loc, o_loc, part, score, state)
+                    _locate_paged_block(loc, page_table_values, begin, blk * BLOCK, rows,
+                                        sink_len(length_info, b), window_offset(length_info, b),
+                                        page_size)
+                    attend_block(rows, pages, pages, loc, h // group, q_loc, o_loc, part,
+                                 score, state)
                 finish(o_loc, state, output, lse, b, h, dtype)
 
     return kernel
@@ -203,7 +218,7 @@ def prefill_paged_kernel(h_q: int, h_kv: int, d: int, dtype: str, page_size: int
     in its own chunk, which the ragged kernel covers)."""
     group = h_q // h_kv
     sliding = sliding_window > 0
-    start, attend_block, finish = _attention_macros(d)
+    start, attend_block, finish = _attention_macros(d, paged=True)
     last_len, window_offset, sink_len = _length_info(sliding)
     info_shape = (lambda b: (3, b)) if sliding else (lambda b: (b,))
     name = "batch_prefill_paged_kv_cpu" + ("_sliding_window" if sliding else "")
@@ -263,8 +278,7 @@ def prefill_paged_kernel(h_q: int, h_kv: int, d: int, dtype: str, page_size: int
                 T.writes(output[0:total_len, 0:h_q, 0:d], lse[0:total_len, 0:h_q])
                 q_loc = T.sblock_alloc_buffer((d,), "float32")
                 o_loc = T.sblock_alloc_buffer((d,), "float32")
-                k_blk = T.sblock_alloc_buffer((BLOCK, d), "float32")
-                v_blk = T.sblock_alloc_buffer((BLOCK, d), "float32")
+                loc = T.sblock_alloc_buffer((BLOCK, 2), "int32")
                 part = T.sblock_alloc_buffer((LANES,), "float32")
                 score = T.sblock_alloc_buffer((BLOCK,), "float32")
                 state = T.sblock_alloc_buffer((4,), "float32")
@@ -285,10 +299,11 @@ def prefill_paged_kernel(h_q: int, h_kv: int, d: int, dtype: str, page_size: int
                 start(q_loc, o_loc, state, q, row, h, sm_scale * T.float32(LOG2E))
                 for blk in range((end - first + BLOCK - 1) // BLOCK):
                     rows: T.let[T.int32] = T.min(BLOCK, end - first - blk * BLOCK)
-                    _gather_paged_block(k_blk, v_blk, pages, page_values, begin, h // group,
-                                        first + blk * BLOCK, rows, sink_len(length_info, b),
-                                        window_offset(length_info, b), page_size, d)
-                    attend_block(rows, k_blk, v_blk, q_loc, o_loc, part, score, state)
+                    _locate_paged_block(loc, page_values, begin, first + blk * BLOCK, rows,
+                                        sink_len(length_info, b), window_offset(length_info, b),
+                                        page_size)
+                    attend_block(rows, pages, pages, loc, h // group, q_loc, o_loc, part,
+                                 score, state)
                 finish(o_loc, state, output, lse, row, h, dtype)
 
     return kernel
@@ -297,7 +312,7 @@ def prefill_paged_kernel(h_q: int, h_kv: int, d: int, dtype: str, page_size: int
 def prefill_ragged_kernel(h_q: int, h_kv: int, d: int, dtype: str):
     """`batch_prefill_ragged_kv`: prompt chunks attending to their own keys (causal or not)."""
     group = h_q // h_kv
-    start, attend_block, finish = _attention_macros(d)
+    start, attend_block, finish = _attention_macros(d, paged=False)
 
     @T.prim_func(s_tir=True)
     def batch_prefill_ragged_kv(
@@ -337,8 +352,7 @@ def prefill_ragged_kernel(h_q: int, h_kv: int, d: int, dtype: str):
                 T.writes(output[0:qo_len, 0:h_q, 0:d], lse[0:qo_len, 0:h_q])
                 q_loc = T.sblock_alloc_buffer((d,), "float32")
                 o_loc = T.sblock_alloc_buffer((d,), "float32")
-                k_blk = T.sblock_alloc_buffer((BLOCK, d), "float32")
-                v_blk = T.sblock_alloc_buffer((BLOCK, d), "float32")
+                loc = T.sblock_alloc_buffer((BLOCK, 2), "int32")
                 part = T.sblock_alloc_buffer((LANES,), "float32")
                 score = T.sblock_alloc_buffer((BLOCK,), "float32")
                 state = T.sblock_alloc_buffer((4,), "float32")
@@ -357,10 +371,8 @@ def prefill_ragged_kernel(h_q: int, h_kv: int, d: int, dtype: str):
                 for blk in range((n_keys + BLOCK - 1) // BLOCK):
                     rows: T.let[T.int32] = T.min(BLOCK, n_keys - blk * BLOCK)
                     for r in range(rows):
-                        for i in T.vectorized(d):
-                            k_blk[r, i] = T.Cast("float32", k[kv_start + blk * BLOCK + r, h // group, i])
-                            v_blk[r, i] = T.Cast("float32", v[kv_start + blk * BLOCK + r, h // group, i])
-                    attend_block(rows, k_blk, v_blk, q_loc, o_loc, part, score, state)
+                        loc[r, 0] = kv_start + blk * BLOCK + r
+                    attend_block(rows, k, v, loc, h // group, q_loc, o_loc, part, score, state)
                 finish(o_loc, state, output, lse, row, h, dtype)
 
     return batch_prefill_ragged_kv
