@@ -463,3 +463,22 @@ def test_mask_cost(compiler, closers, smollm2_tokenizer, capsys):
               f"{np.median(t):.1f} us, p90 {np.percentile(t, 90):.1f} us, "
               f"p99 {np.percentile(t, 99):.1f} us, max {t.max():.0f} us")
     assert np.median(t) < 500
+
+
+@pytest.mark.parametrize("rf", [
+    {"type": "regex", "regex": "[0-9]{3}"}, {"type": "regex", "pattern": "[0-9]{3}"},
+    {"type": "grammar", "grammar": 'start: "a" | "b"'},
+    {"type": "json_object", "schema": '{"type": "object"}'},
+    {"type": "json_schema", "json_schema": {"name": "n", "schema": {"type": "integer"},
+                                            "strict": True}},
+])
+def test_requests_carry_every_form_to_the_grammar(rf, compiler):
+    """A chat or completion request keeps the response_format fields the grammar needs."""
+    from mlc.runtime.protocol import parse_chat_request, parse_completion_request
+
+    chat = parse_chat_request(messages=[{"role": "user", "content": "x"}], response_format=rf)
+    completion = parse_completion_request(prompt="x", response_format=rf)
+    for req in (chat, completion):
+        spec = G.grammar_from_response_format(req.to_generation_config().response_format)
+        assert spec == G.grammar_from_response_format(rf)
+        compiler.compile(spec)

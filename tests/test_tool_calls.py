@@ -411,3 +411,23 @@ def test_openai_client_accumulates_the_stream():
             for c in message.tool_calls] == [
         ("call_0000", "get_weather", {"city": "Köln </tool_call>", "unit": "celsius"}),
         ("call_0001", "get_time", {})]
+
+
+def test_parsed_requests_drive_the_grammar(compiler, smollm2_tokenizer):
+    """pydantic tools / tool_choice from a parsed request, with parallel_tool_calls."""
+    from mlc.runtime.protocol import parse_chat_request
+
+    req = parse_chat_request(messages=[{"role": "user", "content": "x"}], tools=TOOLS,
+                             tool_choice={"type": "function", "function": {"name": "add"}},
+                             parallel_tool_calls=False)
+    assert req.parallel_tool_calls is False
+    spec = T.tool_call_grammar(req.tools, req.tool_choice, req.parallel_tool_calls)
+    assert spec == T.tool_call_grammar(TOOLS, {"type": "function", "function": {
+        "name": "add"}}, False)
+    proc = T.compile_tool_choice(compiler, req.tools, req.tool_choice,
+                                 req.parallel_tool_calls).processor()
+    text = '<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n</tool_call>'
+    for tok in smollm2_tokenizer.encode(text, add_special_tokens=False).ids:
+        assert proc.token_mask()[tok]
+        proc.accept(tok)
+    assert proc.is_finished()

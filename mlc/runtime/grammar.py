@@ -46,6 +46,7 @@ import llguidance as llg
 import numpy as np
 
 from mlc.errors import BadRequestError
+from mlc.runtime.generation_config import RESPONSE_FORMAT_TYPES
 from mlc.runtime.logit_processor import LogitProcessor
 
 logger = logging.getLogger(__name__)
@@ -56,7 +57,6 @@ JSON_OPTIONS: dict[str, Any] = {"whitespace_flexible": False, "item_separator": 
 #: Applied after a schema's own "x-guidance" options: unenforceable keywords stay errors.
 _JSON_OVERRIDES: dict[str, Any] = {"lenient": False}
 
-RESPONSE_FORMAT_TYPES = ("text", "json_object", "json_schema", "regex", "grammar")
 _MAX_ERROR_CHARS = 800
 
 
