@@ -124,3 +124,29 @@ def pytest_terminal_summary(terminalreporter):
     terminalreporter.write_line(
         f"CPU libraries built for this host ({cpu_model()}: -mcpu={host_mcpu()}) and, in "
         "test_compile, for the portable cpu:x86-64-v3 (AVX2) as well")
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(embedded_gguf, test_cache_dir):
+    """The embedded SmolLM2's `tokenizers.Tokenizer` (49152 tokens; EOS `<|im_end|>` = 2), read
+    from the GGUF's vocabulary without converting the weights (kept in the test cache)."""
+    from tokenizers import Tokenizer
+
+    out = test_cache_dir / "tokenizers" / f"smollm2-{converter_digest()}"
+    if not (out / "tokenizer.json").exists():
+        from mlc.compiler.sources.gguf_file import GGUFSource
+
+        source = GGUFSource(embedded_gguf)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "chat_template.jinja").write_text(source.chat_template)
+        tmp = out / f"tokenizer.json.{time.time_ns()}.tmp"
+        tmp.write_bytes(source.tokenizer_files["tokenizer.json"])
+        tmp.rename(out / "tokenizer.json")
+    return Tokenizer.from_file(str(out / "tokenizer.json"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_chat_template(smollm2_tokenizer, test_cache_dir) -> str:
+    """The embedded SmolLM2's jinja chat template (ChatML; it does not render `tools`)."""
+    return (test_cache_dir / "tokenizers" / f"smollm2-{converter_digest()}"
+            / "chat_template.jinja").read_text()

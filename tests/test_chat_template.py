@@ -194,4 +194,5 @@ def test_render_parsed_request_messages():
     assert '{"name": "get_weather", "arguments": {"city": "Paris"}}' in out
     assert "<|im_start|>tool\nsunny<|im_end|>" in out
     conv_out = render_chat({"conv_template": "chatml"}, req.messages, tools=req.tools)
-    assert "<|im_start|>user\nsunny<|im_end|>" in conv_out
+    # chatml has no tool role: the result goes back in the default format, in a user turn
+    assert "<|im_start|>user\n<tool_response>\nsunny\n</tool_response><|im_end|>" in conv_out

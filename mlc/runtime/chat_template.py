@@ -25,6 +25,7 @@ import jinja2.ext
 import jinja2.sandbox
 
 from mlc.errors import BadRequestError
+from mlc.runtime.tool_calls import ToolSupport, apply_default_tool_format
 
 logger = logging.getLogger(__name__)
 
@@ -83,11 +84,6 @@ _CONV_DEFAULTS: dict[str, Any] = {
     "system_prefix_token_ids": None, "add_role_after_system_message": True,
     "function_string": "",
 }
-
-_TOOLS_INSTRUCTION = (
-    "You can call the following functions. To call one, reply with only a JSON object "
-    '{{"name": <function name>, "arguments": <arguments object>}}.\n{tools}')
-
 
 def _get(config: Any, name: str) -> Any:
     return config.get(name) if isinstance(config, dict) else getattr(config, name, None)
@@ -228,13 +224,8 @@ def render_conv_template(conv: dict[str, Any], messages: list[dict[str, Any]],
     system_parts = [m["content"] for m in messages if m["role"] == "system"]
     system_message = "\n".join(system_parts) if system_parts else conv["system_message"]
     function_string = conv.get("function_string") or ""
-    if tools:
+    if tools:   # only templates with a {function_string} get tools (see conv_tool_support)
         function_string = json.dumps([t.get("function", t) for t in tools], ensure_ascii=False)
-        uses_placeholder = FUNCTION_PLACEHOLDER in json.dumps(conv)
-        if not uses_placeholder:
-            instruction = _TOOLS_INSTRUCTION.format(tools=function_string)
-            system_message = f"{system_message}\n\n{instruction}" if system_message \
-                else instruction
     system_text = conv["system_template"].replace(SYSTEM_PLACEHOLDER, system_message)
 
     roles, seps = conv["roles"], list(conv["seps"])
@@ -275,6 +266,49 @@ def render_conv_template(conv: dict[str, Any], messages: list[dict[str, Any]],
 
 
 # ---------------------------------------------------------------------------------------------
+# Tool support of a template (what it renders by itself; the rest uses tool_calls' default)
+
+_PROBE = "mlc_probe_7c1e"
+
+
+@functools.lru_cache(maxsize=32)
+def jinja_tool_support(template: str) -> ToolSupport:
+    """Which tool features a jinja template renders, found by rendering probe messages once:
+    tool definitions, an assistant's tool_calls, a tool message's content (the last two only
+    count for templates that render tool definitions)."""
+    def renders(marker: str, messages: list, tools: list | None = None) -> bool:
+        try:
+            out = _compile_template(template).render(
+                messages=messages, tools=tools, add_generation_prompt=True,
+                bos_token="", eos_token="")
+        except Exception:  # noqa: BLE001 - a template that cannot render it lacks it
+            return False
+        return marker in out
+
+    user = {"role": "user", "content": "hi"}
+    call = {"role": "assistant", "content": "", "tool_calls": [{
+        "id": "call_1", "type": "function",
+        "function": {"name": _PROBE + "_call", "arguments": {"x": 1}}}]}
+    tool = {"role": "tool", "tool_call_id": "call_1", "content": _PROBE + "_result"}
+    definition = {"type": "function", "function": {
+        "name": _PROBE + "_tool", "description": "d",
+        "parameters": {"type": "object", "properties": {}}}}
+    if not renders(_PROBE + "_tool", [user], [definition]):
+        # A template that never shows tools knows no tool convention, even if it prints any
+        # role generically: the whole conversation uses the default format.
+        return ToolSupport()
+    return ToolSupport(tools=True, tool_calls=renders(_PROBE + "_call", [user, call]),
+                       tool_role=renders(_PROBE + "_result", [user, call, tool]))
+
+
+def conv_tool_support(conv: dict[str, Any]) -> ToolSupport:
+    """A conv template renders tools and calls itself only through a {function_string}."""
+    native = FUNCTION_PLACEHOLDER in json.dumps(conv)
+    return ToolSupport(tools=native, tool_calls=native,
+                       tool_role=native or "tool" in conv["roles"])
+
+
+# ---------------------------------------------------------------------------------------------
 # Entry point
 
 
@@ -284,8 +318,9 @@ def render_chat(chat_config: Any, messages: Sequence[Any], tools: list | None = 
 
     `chat_config` is a `ChatConfig` or a dict with chat_template / conv_template / bos_token /
     eos_token. `messages` are dicts or pydantic messages; `tools` are OpenAI tool dicts.
-    Extra keyword arguments are passed to jinja templates. Raises `BadRequestError` when the
-    template cannot render the messages.
+    What the template cannot render of tools, assistant tool_calls and tool messages is put
+    in the default tool format (`mlc.runtime.tool_calls`). Extra keyword arguments are passed
+    to jinja templates. Raises `BadRequestError` when the template cannot render the messages.
     """
     if not messages:
         raise BadRequestError("Invalid 'messages': must contain at least one message.",
@@ -294,11 +329,15 @@ def render_chat(chat_config: Any, messages: Sequence[Any], tools: list | None = 
     tool_dicts = [t.model_dump(exclude_none=True) if hasattr(t, "model_dump") else dict(t)
                   for t in tools or []]
     template = _get(chat_config, "chat_template")
+    conv = None if template else resolve_conv_template(chat_config)
+    if tool_dicts or any(m.get("tool_calls") or m["role"] == "tool" for m in normalized):
+        support = jinja_tool_support(template) if template else conv_tool_support(conv)
+        normalized, tool_dicts = apply_default_tool_format(normalized, tool_dicts or None,
+                                                           support)
     if template:
         return render_jinja(template, normalized, tool_dicts or None, add_generation_prompt,
                             bos_token=_get(chat_config, "bos_token") or "",
                             eos_token=_get(chat_config, "eos_token") or "", **template_kwargs)
-    conv = resolve_conv_template(chat_config)
     return render_conv_template(conv, normalized, tool_dicts or None, add_generation_prompt)
 
 

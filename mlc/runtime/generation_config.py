@@ -16,7 +16,7 @@ from mlc.errors import BadRequestError
 MAX_N = 128
 MAX_TOP_LOGPROBS = 20
 MAX_STOP_STRS = 16
-RESPONSE_FORMAT_TYPES = ("text", "json_object", "json_schema")
+RESPONSE_FORMAT_TYPES = ("text", "json_object", "json_schema", "regex", "grammar")
 
 # Fields that `with_defaults` fills from the model's defaults, with the neutral value used when
 # the model has none either.
@@ -65,7 +65,8 @@ class GenerationConfig:
     ignore_eos: bool = False
     """Keep generating past the model's end-of-sequence tokens (benchmarks)."""
     response_format: dict[str, Any] | None = None
-    """OpenAI response_format: {"type": "text" | "json_object" | "json_schema", ...}."""
+    """OpenAI response_format: {"type": "text" | "json_object" | "json_schema", ...}, or mlc's
+    "regex" / "grammar" (see `mlc.runtime.grammar.grammar_from_response_format`)."""
 
     @property
     def is_greedy(self) -> bool:

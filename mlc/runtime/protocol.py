@@ -252,11 +252,17 @@ class JSONSchemaFormat(RequestModel):
 
 
 class ResponseFormat(RequestModel):
-    """response_format: text, json_object or json_schema (MLC-LLM's top-level schema too)."""
+    """response_format: text, json_object or json_schema (MLC-LLM's top-level schema too);
+    mlc's extensions regex ("regex" or "pattern") and grammar (Lark or GBNF), see
+    `mlc.runtime.grammar`."""
 
-    type: Literal["text", "json_object", "json_schema"] = "text"
+    type: Literal["text", "json_object", "json_schema", "regex", "grammar"] = "text"
     json_schema: JSONSchemaFormat | None = None
     schema_: dict[str, Any] | str | None = Field(default=None, alias="schema")
+    # mlc extensions
+    regex: str | None = None
+    pattern: str | None = None
+    grammar: str | None = None
 
     @model_validator(mode="after")
     def _check_schema(self) -> ResponseFormat:
@@ -355,6 +361,7 @@ class ChatCompletionRequest(_SamplingRequest):
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     n: int = Field(default=1, ge=1, le=128)
+    parallel_tool_calls: bool | None = None
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     response_format: ResponseFormat | None = None
     seed: int | None = None
