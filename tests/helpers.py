@@ -277,10 +277,14 @@ def library_key(mlc_dir: str | Path, device: str = "cpu", overrides: str | None 
 
 
 def host_mcpu() -> str:
-    """LLVM's name for this machine's CPU (what a plain `cpu` library is built for)."""
+    """LLVM's name for this machine's CPU (what a plain `cpu` library is built for), or
+    "host" where TVM is the runtime-only build (no LLVM)."""
     from tvm.target import codegen
 
-    return codegen.llvm_get_system_cpu()
+    try:
+        return codegen.llvm_get_system_cpu()
+    except AttributeError:
+        return "host"
 
 
 def build_lib(mlc_dir: str | Path, device: str = "cpu", overrides: str | None = None,

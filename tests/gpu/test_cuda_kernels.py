@@ -43,6 +43,28 @@ def test_q4_matmul(funcs, m, out_dtype):
     assert np.isfinite(got).all() and rel < 2e-3, rel
 
 
+@pytest.mark.parametrize("n,k", [(392, 4096), (130, 14336), (7, 1024), (2050, 2048)])
+@pytest.mark.parametrize("out_dtype", ["float16", "float32"])
+def test_q4_gemv_one_row_whole_rows_per_warp(funcs, n, k, out_dtype):
+    """K a multiple of 1024: the one-row kernel that holds whole rows per warp (odd N: the
+    last warp's second row is past the end)."""
+    import tvm
+
+    rng = np.random.default_rng(n + k)
+    q = get_quantization("q4f16_1")
+    qw, qs = quantize_weight(rng.standard_normal((n, k)).astype("float32"), q)
+    deq = dequantize_weight(qw, qs, q, k).astype("float32")
+    x = rng.standard_normal((1, k)).astype("float16")
+    ref = x.astype("float32") @ deq.T
+    dev = tvm.cuda(0)
+    out = tvm.runtime.tensor(np.full((1, n), np.nan, out_dtype), dev)   # poisoned
+    funcs[0](tvm.runtime.tensor(x, dev), tvm.runtime.tensor(qw, dev), tvm.runtime.tensor(qs, dev),
+             out)
+    got = out.numpy().astype("float32")
+    rel = np.linalg.norm(got - ref) / np.linalg.norm(ref)
+    assert np.isfinite(got).all() and rel < 2e-3, rel
+
+
 # (n, k): n not a multiple of 16 or of the 128-feature block; k with a half 128-wide K block
 # (576, SmolLM2) and k not a multiple of 64 (160: the tensor-core kernel declines, old paths run)
 PATH_SHAPES = [(392, 1536), (200, 576), (576, 576), (136, 640), (256, 4096), (72, 160)]

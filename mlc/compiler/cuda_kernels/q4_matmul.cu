@@ -14,7 +14,8 @@
 //     kernel (mma.sync m16n8k16, weights as the A operand), split-K across blocks;
 //   otherwise M <= 8: a fused dequantize-GEMV that reads each 4-bit weight once (128-bit loads);
 //   otherwise: dequantize to a float16 workspace, then cuBLAS on the tensor cores.
-// MLC_Q4_MMA=0 in the environment turns the tensor-core kernel off. cuBLAS is opened with dlopen
+// MLC_Q4_MMA=0 in the environment turns the tensor-core kernel off, MLC_Q4_GEMV_ROWS=0 the
+// unrolled one-row GEMV. cuBLAS is opened with dlopen
 // at first use, so a library loads on machines without it.
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -44,6 +45,44 @@ using tvm::ffi::TensorView;
 constexpr int kGroup = 32;
 constexpr int kMaxGemvRows = 8;    // rows handled by one pass of the fused GEMV
 constexpr int kGemvMaxM = 8;       // up to this, the fused GEMV; above, dequantize + cuBLAS
+
+// Eight q4 values of one 32-bit word (value = nibble - 7, element e in bits 4e..4e+3) as four
+// half2 pairs (e0 e1, e2 e3, e4 e5, e6 e7), exact: each nibble pair is placed in the mantissas
+// of two halves with exponent 2^10 (1024 + n), then 1031 is subtracted.
+__device__ __forceinline__ void dequant_word(uint32_t w, half2 out[4]) {
+  const uint32_t lo = 0x000f000fu, magic = 0x64006400u;
+  const half2 bias = __halves2half2(__ushort_as_half(0x6407), __ushort_as_half(0x6407));
+  uint32_t t0 = (w & lo) | magic, t1 = ((w >> 4) & lo) | magic;      // (e0, e4), (e1, e5)
+  uint32_t t2 = ((w >> 8) & lo) | magic, t3 = ((w >> 12) & lo) | magic;  // (e2, e6), (e3, e7)
+  const half2 a = __hsub2(*reinterpret_cast<half2*>(&t0), bias);
+  const half2 b = __hsub2(*reinterpret_cast<half2*>(&t1), bias);
+  const half2 c = __hsub2(*reinterpret_cast<half2*>(&t2), bias);
+  const half2 d = __hsub2(*reinterpret_cast<half2*>(&t3), bias);
+  out[0] = __lows2half2(a, b);
+  out[1] = __lows2half2(c, d);
+  out[2] = __highs2half2(a, b);
+  out[3] = __highs2half2(c, d);
+}
+
+// The dot product of one 32-value group of q4 weights (16 bytes) with 32 halves of x, in float.
+__device__ __forceinline__ float group_dot(const uint4 w, const half* __restrict__ xg) {
+  const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+  const uint4* xv = reinterpret_cast<const uint4*>(xg);
+  float part = 0.f;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const uint4 xx = __ldg(xv + i);
+    const half2* h = reinterpret_cast<const half2*>(&xx);
+    half2 q[4];
+    dequant_word(words[i], q);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float2 a = __half22float2(h[j]), b = __half22float2(q[j]);
+      part = fmaf(a.x, b.x, fmaf(a.y, b.y, part));
+    }
+  }
+  return part;
+}
 
 // ---------------------------------------------------------------------------------------------
 // Fused dequantize + GEMV for few rows. A block of 4 warps covers 4*FEAT output features; the
@@ -130,8 +169,8 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
   }
 }
 
-// One row (batch-1 decode): a warp per output feature, lanes striding over groups; no shared
-// memory and no barriers, so many independent 16-byte loads are in flight.
+// One row (batch-1 decode), general K: a warp per output feature, lanes striding over groups; no
+// shared memory and no barriers.
 template <typename OutT>
 __global__ void q4_gemv1_kernel(const half* __restrict__ x, const uint4* __restrict__ qw,
                                 const half* __restrict__ qs, OutT* __restrict__ out, int N,
@@ -144,27 +183,79 @@ __global__ void q4_gemv1_kernel(const half* __restrict__ x, const uint4* __restr
   const half* srow = qs + static_cast<int64_t>(n) * groups;
   float acc = 0.f;
   for (int g = lane; g < groups; g += 32) {
-    const uint4 w = __ldg(wrow + g);
-    const float s = __half2float(srow[g]);
-    const uint32_t words[4] = {w.x, w.y, w.z, w.w};
-    const uint4* xv = reinterpret_cast<const uint4*>(x + g * kGroup);
-    float part = 0.f;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const uint4 xx = __ldg(xv + i);
-      const half2* h = reinterpret_cast<const half2*>(&xx);
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const float2 f = __half22float2(h[j]);
-        part = fmaf(f.x, float((words[i] >> (8 * j)) & 15u) - 7.f, part);
-        part = fmaf(f.y, float((words[i] >> (8 * j + 4)) & 15u) - 7.f, part);
-      }
-    }
-    acc = fmaf(part, s, acc);
+    acc = fmaf(group_dot(__ldg(wrow + g), x + g * kGroup), __half2float(srow[g]), acc);
   }
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
   if (lane == 0) out[n] = OutT(acc);
+}
+
+// One row, K = 1024 * U (Llama-3-8B: U = 4 and 14): a warp owns kGemv1Rows whole rows and lane l
+// holds groups l + 32u of each; all kGemv1Rows * U 16-byte weight loads are issued before any
+// math, so a warp keeps 256 * U bytes in flight (the old kernel: one 16-byte load per lane at a
+// time). H200, bench/gpu_lab/q4_gemv_lab.cu (2026-12-02): gate_up 1,744 -> 2,508 GB/s, lm_head
+// 1,994 -> 3,004, down 1,501 -> 1,853, o_proj 1,077 -> 1,315 (small matrices are bound by launch
+// and first-load latency, not bandwidth).
+constexpr int kGemv1Rows = 2;
+
+template <int U, typename OutT>
+__global__ void __launch_bounds__(128) q4_gemv1_rows_kernel(const half* __restrict__ x,
+                                                             const uint4* __restrict__ qw,
+                                                             const half* __restrict__ qs,
+                                                             OutT* __restrict__ out, int N) {
+  const int row0 = (blockIdx.x * 4 + threadIdx.x / 32) * kGemv1Rows;
+  const int lane = threadIdx.x % 32;
+  if (row0 >= N) return;
+  constexpr int groups = 32 * U;
+  uint4 w[kGemv1Rows][U];
+  half s[kGemv1Rows][U];
+#pragma unroll
+  for (int f = 0; f < kGemv1Rows; ++f)
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t off = static_cast<int64_t>(min(row0 + f, N - 1)) * groups + lane + 32 * u;
+      w[f][u] = __ldg(qw + off);
+      s[f][u] = qs[off];
+    }
+  float acc[kGemv1Rows] = {};
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+#pragma unroll
+    for (int f = 0; f < kGemv1Rows; ++f) {
+      acc[f] = fmaf(group_dot(w[f][u], x + (lane + 32 * u) * kGroup), __half2float(s[f][u]),
+                    acc[f]);
+    }
+  }
+#pragma unroll
+  for (int f = 0; f < kGemv1Rows; ++f) {
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) acc[f] += __shfl_xor_sync(0xffffffffu, acc[f], off);
+    if (lane == 0 && row0 + f < N) out[row0 + f] = OutT(acc[f]);
+  }
+}
+
+// MLC_Q4_GEMV_ROWS=0 keeps the general one-row kernel (for same-library comparisons).
+bool gemv_rows_env_enabled() {
+  static const bool on = [] {
+    const char* env = std::getenv("MLC_Q4_GEMV_ROWS");
+    return !(env && std::string(env) == "0");
+  }();
+  return on;
+}
+
+template <typename OutT>
+bool launch_gemv1_rows(const half* x, const uint4* w, const half* qs, OutT* out, int N, int K,
+                       cudaStream_t stream) {
+  if (K % (32 * kGroup) || !gemv_rows_env_enabled()) return false;
+  const dim3 grid((N + 4 * kGemv1Rows - 1) / (4 * kGemv1Rows));
+  switch (K / (32 * kGroup)) {
+#define MLC_GEMV1_CASE(U) \
+    case U: q4_gemv1_rows_kernel<U, OutT><<<grid, 128, 0, stream>>>(x, w, qs, out, N); return true;
+    MLC_GEMV1_CASE(1) MLC_GEMV1_CASE(2) MLC_GEMV1_CASE(3) MLC_GEMV1_CASE(4) MLC_GEMV1_CASE(5)
+    MLC_GEMV1_CASE(6) MLC_GEMV1_CASE(7) MLC_GEMV1_CASE(8) MLC_GEMV1_CASE(14) MLC_GEMV1_CASE(16)
+#undef MLC_GEMV1_CASE
+    default: return false;
+  }
 }
 
 template <int ROWS, typename OutT>
@@ -181,7 +272,9 @@ void launch_q4_gemv(const half* x, const uint32_t* qw, const half* qs, OutT* out
                     int K, cudaStream_t stream) {
   const uint4* w = reinterpret_cast<const uint4*>(qw);
   if (M == 1) {
-    q4_gemv1_kernel<OutT><<<(N + 3) / 4, 128, 0, stream>>>(x, w, qs, out, N, K);
+    if (!launch_gemv1_rows(x, w, qs, out, N, K, stream)) {
+      q4_gemv1_kernel<OutT><<<(N + 3) / 4, 128, 0, stream>>>(x, w, qs, out, N, K);
+    }
     MLC_CUDA_CHECK(cudaGetLastError());
     return;
   }
