@@ -4,6 +4,7 @@ mismatched libraries (on this machine: the CPU, and a CUDA library where there i
 from __future__ import annotations
 
 import json
+import os
 import platform
 import shutil
 
@@ -183,3 +184,44 @@ def test_cuda_library_on_a_machine_without_gpu(tiny):
     result = run(tiny.mlc_dir, "--model-lib", cuda_lib)
     assert result.exit_code == 1
     assert "is a cuda library" in result.output and "--device cpu" in result.output
+
+
+# What nvidia-smi printed on an H200 machine (2026-12, driver 580), for the GPU rows.
+H200_QUERY = "0, NVIDIA H200, 580.159.04, 143771 MiB, 9.0"
+H200_HEADER = "| NVIDIA-SMI 580.159.04   Driver Version: 580.159.04   CUDA Version: 13.0     |"
+
+
+def fake_nvidia_smi(tmp_path, monkeypatch, query: str, header: str, code: int = 0):
+    script = tmp_path / "bin" / "nvidia-smi"
+    script.parent.mkdir()
+    script.write_text(f"""#!/bin/sh
+case "$1" in --query-gpu=*) echo '{query}';; *) echo '{header}';; esac
+exit {code}
+""")
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{script.parent}:{os.environ['PATH']}")
+
+
+@pytest.mark.skipif(cuda_available(), reason="checks the report of a GPU TVM cannot use")
+def test_gpu_rows_from_nvidia_smi(tmp_path, monkeypatch):
+    from mlc.cli.doctor import check_gpu
+
+    fake_nvidia_smi(tmp_path, monkeypatch, H200_QUERY, H200_HEADER)
+    report = Report()
+    assert check_gpu(report) is False
+    rows = dict(report.sections[0][1])
+    assert rows["GPU 0"] == "NVIDIA H200, 143771 MiB, compute capability 9.0"
+    assert rows["driver"] == "580.159.04 (CUDA 13.0)"
+    [problem] = report.problems                     # a GPU is listed, TVM cannot open it
+    assert "TVM cannot use it" in problem.what and "libcuda.so.1" in problem.fix
+
+
+def test_failing_nvidia_smi(tmp_path, monkeypatch):
+    from mlc.cli.doctor import check_gpu
+
+    fake_nvidia_smi(tmp_path, monkeypatch, "Failed to initialize NVML: Driver/library version "
+                    "mismatch", "", code=18)
+    report = Report()
+    check_gpu(report)
+    assert any("version mismatch" in p.what and "driver" in p.fix
+               for p in report.problems)
