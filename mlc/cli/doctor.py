@@ -278,7 +278,7 @@ def check_model(report: Report, model_dir: Path, model_lib: Path | None, gpu_usa
         model_lib = _engine_library(report, rows, model_dir, chat, gpu_usable)
         if model_lib is None:
             return
-    check_library(report, rows, Path(model_lib), chat, cache, gpu_usable)
+    check_library(report, rows, Path(model_lib), chat, cache, gpu_usable, model_dir)
 
 
 def _check_architecture(report: Report, chat) -> None:
@@ -364,7 +364,8 @@ def _engine_library(report: Report, rows: list, model_dir: Path, chat,
     return None
 
 
-def check_library(report: Report, rows: list, lib: Path, chat, cache, gpu_usable: bool) -> None:
+def check_library(report: Report, rows: list, lib: Path, chat, cache, gpu_usable: bool,
+                  model_dir: Path) -> None:
     """Read the library's metadata and compare it with the model dir."""
     from mlc.runtime.model import read_library_metadata
 
@@ -378,24 +379,25 @@ def check_library(report: Report, rows: list, lib: Path, chat, cache, gpu_usable
         rows.append(("library", f"{lib}: cannot be loaded"))
         report.problem(f"{lib} cannot be read as an mlc model library: "
                        f"{str(e).strip().splitlines()[-1][:300]}",
-                       f"Rebuild it with `mlc compile MODEL_DIR --device ... -o {lib}`.")
+                       f"Rebuild it with `mlc compile {model_dir} --device ... -o {lib}`.")
         return
     rows.append(("library", f"{lib}: {meta.get('model_type')} {meta.get('quantization')} for "
                             f"{meta.get('device')} ({meta.get('opt')}), built by "
                             f"{meta.get('compiler_version')}"))
-    for problem in compare_library(meta, chat, cache, gpu_usable):
+    for problem in compare_library(meta, chat, cache, gpu_usable, model_dir, lib):
         report.problems.append(problem)
 
 
-def compare_library(meta: dict[str, Any], chat, cache, gpu_usable: bool) -> list[Problem]:
+def compare_library(meta: dict[str, Any], chat, cache, gpu_usable: bool,
+                    model_dir: str | Path = "MODEL_DIR", lib: str | Path = "LIB") -> list[Problem]:
     """Why a library's `_metadata` does not fit a model dir (chat config + tensor cache) or
     this machine: one Problem per reason."""
     from mlc.runtime.model import check_library_matches
     from mlc.support.cpu_info import host_features
     from mlc.support.versions import LIBRARY_VERSION
 
-    rebuild = (f"Rebuild the library for this model dir: `mlc compile MODEL_DIR --device "
-               f"{meta.get('device') or 'DEVICE'} -o LIB`.")
+    rebuild = (f"Rebuild the library for this model dir: `mlc compile {model_dir} --device "
+               f"{meta.get('device') or 'DEVICE'} -o {lib}`.")
     problems = []
     if cache is not None:
         try:
@@ -425,16 +427,16 @@ def compare_library(meta: dict[str, Any], chat, cache, gpu_usable: bool) -> list
     if device.startswith("cuda") and not gpu_usable:
         problems.append(Problem(
             f"The library is for {device}, and this machine has no usable CUDA GPU.",
-            "Build a CPU library with `mlc compile MODEL_DIR --device cpu -o LIB`, or run on a "
-            "machine with an NVIDIA GPU."))
+            f"Build a CPU library with `mlc compile {model_dir} --device cpu -o LIB`, or run "
+            "on a machine with an NVIDIA GPU."))
     lib_features = (meta.get("cpu") or {}).get("features") or []
     missing = [f for f in lib_features if f not in host_features()]
     if device.startswith("cpu") and missing:
         problems.append(Problem(
             f"The library uses CPU features this CPU lacks ({', '.join(missing)}): it would "
             "stop with an illegal instruction.",
-            "Build it on this machine with `mlc compile MODEL_DIR --device cpu -o LIB`, or for "
-            "a portable baseline with --device cpu:x86-64-v3 (any AVX2 CPU)."))
+            f"Build it on this machine with `mlc compile {model_dir} --device cpu -o {lib}`, or "
+            "for a portable baseline with --device cpu:x86-64-v3 (any AVX2 CPU)."))
     return problems
 
 

@@ -131,6 +131,9 @@ def test_broken_model_dirs(tiny, tmp_path):
     assert any("no tokenizer.json" in p for p in problems)
     shard.unlink()
     assert any("is missing" in p for p in model_problems(model, tiny.lib))
+    (tmp_path / "garbage.so").write_bytes(b"not a library")
+    [problem] = [p for p in model_problems(model, tmp_path / "garbage.so") if "garbage" in p]
+    assert "Cannot load model library" in problem and "mlc compile" in problem
     # --verify checks md5 sums too; a missing chat config names the command that makes one
     (model / "mlc-chat-config.json").unlink()
     result = run(model)
