@@ -18,6 +18,7 @@ _COMMANDS = {
     "chat": ("mlc.cli.chat", "chat"),
     "serve": ("mlc.cli.serve", "serve"),
     "bench": ("mlc.cli.bench", "bench"),
+    "doctor": ("mlc.cli.doctor", "doctor"),
 }
 
 

@@ -80,6 +80,26 @@ def cuda_available() -> bool:
         return False
 
 
+def cuda_source_compiler() -> str:
+    """What compiles CUDA source shipped in a library at load time: "nvrtc" (default) or
+    "nvcc" (env MLC_CUDA_COMPILER)."""
+    return os.environ.get("MLC_CUDA_COMPILER", "nvrtc")
+
+
+def nvrtc_version() -> str | None:
+    """NVRTC's version ("13.0") as TVM reaches it (the cuda-bindings package), or None when
+    cuda-bindings is missing or cannot load libnvrtc."""
+    try:
+        from cuda.bindings import nvrtc
+    except ImportError:
+        return None
+    try:
+        err, major, minor = nvrtc.nvrtcVersion()
+    except Exception:  # noqa: BLE001 - a missing libnvrtc surfaces as various errors
+        return None
+    return f"{major}.{minor}" if err == nvrtc.nvrtcResult.NVRTC_SUCCESS else None
+
+
 @functools.lru_cache(maxsize=None)
 def _register_cuda_compile_callback() -> None:
     """Compile CUDA source shipped in a library with NVRTC for this GPU's arch."""
@@ -92,8 +112,8 @@ def _register_cuda_compile_callback() -> None:
     arch = arch_for_compute_capability(tvm.cuda(0).compute_version)
 
     def compile_cuda(code, *_args):
-        compiler = os.environ.get("MLC_CUDA_COMPILER", "nvrtc")
-        return nvcc.compile_cuda(code, target_format="cubin", arch=arch, compiler=compiler)
+        return nvcc.compile_cuda(code, target_format="cubin", arch=arch,
+                                 compiler=cuda_source_compiler())
 
     tvm.register_global_func("tvm_callback_cuda_compile", compile_cuda, override=True)
 

@@ -51,12 +51,21 @@ def library_key(chat: ChatConfig, compile_device: str, overrides: dict) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
 
-def _next_to_weights(model_dir: Path, compile_device: str) -> Path | None:
+def library_next_to_weights(model_dir: Path, compile_device: str) -> Path | None:
+    """A library shipped in the model dir for this device (lib-cuda-sm_90a.so, lib-cpu.so)."""
     kind = compile_device.split(":")[0]
     for name in (f"lib-{compile_device.replace(':', '-')}.so", f"lib-{kind}.so"):
         if (model_dir / name).is_file():
             return model_dir / name
     return None
+
+
+def cached_library_path(chat: ChatConfig, compile_device: str,
+                        overrides: dict | None = None) -> Path:
+    """Where the on-demand library of a model for `compile_device` lives in the cache."""
+    overrides = overrides or {}
+    return cache_root() / "lib" / f"{chat.model_type}-{chat.quantization}-" \
+        f"{compile_device.replace(':', '-')}-{library_key(chat, compile_device, overrides)}.so"
 
 
 def find_or_build_library(model_dir: Path, device_kind: str, device,
@@ -67,11 +76,10 @@ def find_or_build_library(model_dir: Path, device_kind: str, device,
     overrides = overrides or {}
     policy = jit_policy()
     if policy != "REDO" and not overrides:
-        local = _next_to_weights(model_dir, target)
+        local = library_next_to_weights(model_dir, target)
         if local:
             return local
-    path = cache_root() / "lib" / f"{chat.model_type}-{chat.quantization}-" \
-        f"{target.replace(':', '-')}-{library_key(chat, target, overrides)}.so"
+    path = cached_library_path(chat, target, overrides)
     if path.is_file() and policy != "REDO":
         return path
     if policy in ("OFF", "READONLY"):

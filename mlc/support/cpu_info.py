@@ -35,6 +35,20 @@ def host_flags() -> list[str]:
     return []
 
 
+# LLVM's feature names -> the kernel's /proc/cpuinfo flag names, where they differ.
+_KERNEL_FLAG = {"sse4.2": "sse4_2", "avx512vnni": "avx512_vnni", "avx512bf16": "avx512_bf16",
+                "avx512fp16": "avx512_fp16", "avxvnni": "avx_vnni", "amx-tile": "amx_tile",
+                "amx-int8": "amx_int8", "amx-bf16": "amx_bf16", "neon": "asimd",
+                "dotprod": "asimddp"}
+
+
+def host_features() -> list[str]:
+    """The notable features (LLVM's names) this CPU has, read from /proc/cpuinfo: what a CPU
+    library's recorded `features` must be a subset of. Works without TVM's compiler."""
+    flags = set(host_flags())
+    return [f for f in NOTABLE_FEATURES if _KERNEL_FLAG.get(f, f) in flags]
+
+
 def target_features(target) -> list[str]:
     """The notable features an llvm Target's code may use (LLVM's view of its -mcpu/-mattr)."""
     from tvm.target import codegen
