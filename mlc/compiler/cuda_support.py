@@ -16,6 +16,7 @@ from pathlib import Path
 
 from mlc.compiler.target import DeviceTarget
 from mlc.errors import CompileError
+from mlc.support.paths import cache_root
 
 KERNEL_DIR = Path(__file__).with_name("cuda_kernels")
 ARCHS = ("80", "86", "89", "90a")
@@ -110,8 +111,6 @@ def precompiled_cuda(dev: DeviceTarget):
     if not cuda_kernels_enabled(dev):
         yield {}
         return
-    from mlc.runtime.jit import cache_root
-
     objs = build_kernel_objects(dev.target["arch"], cache_root() / "kernels")
     # archives go after the objects that use them: pass it as a file, not as -l
     yield {"addons": [*map(str, objs), str(cudart_static(nvcc_path()))],
