@@ -49,9 +49,12 @@ class DeviceSampler:
                     runner.row(x, i).copyfrom(row[None])
                 host_rows[i] = row
             elif masks[i] is not None:
+                # (the library's kernels take whole tensors, not row views: one-row scratch)
                 bias = np.where(masks[i], np.float32(0), np.float32(-np.inf))[None]
-                view = runner.row(x, i)
-                view.copyfrom(self.fn["apply_logit_bias"](view, runner.upload(bias)))
+                scratch = runner.empty((1, self.vocab))
+                scratch.copyfrom(runner.row(x, i))
+                runner.row(x, i).copyfrom(self.fn["apply_logit_bias"](scratch,
+                                                                      runner.upload(bias)))
         configs = [s.config for s in seqs]
         greedy = np.array([c.is_greedy for c in configs])
         token_ids = np.empty(m, dtype=np.int64)

@@ -106,7 +106,7 @@ class RequestModel(BaseModel):
 class TopLevelRequest(RequestModel):
     """A whole request: constructing or validating one raises `BadRequestError`."""
 
-    def __init__(self, **data: Any):
+    def __init__(self, /, **data: Any):   # (a body may hold a key "self")
         try:
             super().__init__(**data)
         except ValidationError as e:
