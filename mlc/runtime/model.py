@@ -106,15 +106,24 @@ def random_range(spec: dict) -> tuple[float, float]:
     return -0.035, 0.035
 
 
+_RANDOM_BLOCK = 1 << 22   # elements drawn per tensor; larger tensors repeat them
+
+
 def random_param(spec: dict, seed: int = 0) -> np.ndarray:
-    """A random tensor for a parameter spec, made on the host (see `random_range`)."""
+    """A random tensor for a parameter spec (see `random_range`), for benchmarks of sizes
+    whose weights cannot be fetched: at most 4M random elements per tensor, repeated to fill
+    it, so an 8B model's weights take seconds, not minutes (the speed of a kernel does not
+    depend on whether its weights repeat)."""
     rng = np.random.default_rng(seed)
     shape, dtype = tuple(spec["shape"]), spec["dtype"]
+    count = int(np.prod(shape))
+    n = min(count, _RANDOM_BLOCK)
     if dtype.startswith("uint"):
-        count = int(np.prod(shape)) * np.dtype(dtype).itemsize
-        return np.frombuffer(rng.bytes(count), dtype=dtype).reshape(shape)
-    lo, hi = random_range(spec)
-    return rng.uniform(lo, hi, size=shape).astype(dtype)
+        block = np.frombuffer(rng.bytes(n * np.dtype(dtype).itemsize), dtype=dtype)
+    else:
+        lo, hi = random_range(spec)
+        block = rng.uniform(lo, hi, size=n).astype(dtype)
+    return np.resize(block, count).reshape(shape)
 
 
 class LoadedModel:
@@ -162,16 +171,10 @@ class LoadedModel:
         self.total_pages = 0
 
     def _random_param(self, spec: dict, seed: int):
-        """A random parameter, generated on the GPU where the library carries mlc's kernels."""
+        """A random parameter made on the host and copied to the device (`random_param`)."""
         import tvm
 
-        fill = tvm.get_global_func("mlc.cuda.fill_random", allow_missing=True)
-        if self.device_kind != "cuda" or fill is None:
-            return tvm.runtime.tensor(random_param(spec, seed), self.device)
-        tensor = tvm.runtime.empty(tuple(spec["shape"]), spec["dtype"], self.device)
-        lo, hi = random_range(spec)
-        fill(tensor, seed, lo, hi)
-        return tensor
+        return tvm.runtime.tensor(random_param(spec, seed), self.device)
 
     def _has(self, name: str) -> bool:
         try:
