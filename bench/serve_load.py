@@ -3,14 +3,16 @@ clients on `mlc serve`, and the same N requests on the engine alone.
 
     python bench/serve_load.py MODEL_DIR --model-lib LIB --device cuda --clients 64 --json out.json
 
-1. Engine alone: a subprocess loads `AsyncMLCEngine` with the server's settings and runs
-   `--runs` rounds of N concurrent requests (the chat prompt of each client, `generate`: the
-   engine's own outputs, no HTTP, no response objects).
-2. Server: `mlc serve` as a subprocess; after /health, `--runs` rounds of N concurrent
-   streaming HTTP clients (stdlib http.client, one thread each; ignore_eos, fixed max_tokens).
-Reports output tok/s per round and the medians, server / engine, TTFT and latency percentiles,
-and whether any stream was cut short or mixed up. The two phases run one after the other, so
-they do not compete for the machine.
+- Engine alone: a subprocess loads `AsyncMLCEngine` with the server's settings; each round
+  is N concurrent requests (the chat prompt of each client through `generate`: the engine's
+  own outputs, no HTTP, no response objects).
+- Server: `mlc serve` as a subprocess; each round is N concurrent streaming HTTP clients
+  (stdlib http.client, one thread each; ignore_eos, fixed max_tokens).
+Both are loaded at once (each with a KV cache of `--kv-tokens`) and their rounds alternate,
+engine then server, `--runs` times, so a machine whose load changes over the run (a shared
+CPU box) weighs on both alike; the idle one waits without using the machine. Reports output
+tok/s per round and the medians, server / engine, TTFT and latency percentiles, and whether
+any stream was cut short or mixed up.
 """
 
 import argparse
@@ -40,14 +42,15 @@ def sampling(i: int, max_tokens: int) -> dict:
     return {"max_tokens": max_tokens, "ignore_eos": True, "temperature": 0.7, "seed": i}
 
 
-def engine_alone(a) -> dict:
-    """Rounds of N concurrent requests on the engine itself (run in its own process)."""
+def engine_worker(a) -> None:
+    """The engine-alone process: load, warm up, print READY, then one round of N concurrent
+    requests per "run" line on stdin (printing ROUND <json>), until "quit"."""
     import asyncio
 
     from mlc import AsyncMLCEngine
 
     engine = AsyncMLCEngine(a.model, a.device, model_lib=a.model_lib, mode="server",
-                            max_batch_size=a.clients)
+                            max_batch_size=a.clients, max_total_sequence_length=a.kv_tokens)
 
     async def one(i: int, max_tokens: int) -> int:
         ids = engine.encode_chat(messages(i))
@@ -56,19 +59,19 @@ def engine_alone(a) -> dict:
             tokens += sum(len(d.token_ids) for d in out.deltas)
         return tokens
 
-    async def rounds() -> list[dict]:
-        await one(-1, 8)                                      # warm up
-        out = []
-        for _ in range(a.runs):
-            t0 = time.perf_counter()
-            tokens = sum(await asyncio.gather(*[one(i, a.max_tokens)
-                                                for i in range(a.clients)]))
-            wall = time.perf_counter() - t0
-            out.append({"wall_s": wall, "tokens": tokens, "output_tok_s": tokens / wall})
-        return out
+    async def one_round() -> dict:
+        t0 = time.perf_counter()
+        tokens = sum(await asyncio.gather(*[one(i, a.max_tokens) for i in range(a.clients)]))
+        wall = time.perf_counter() - t0
+        return {"wall_s": wall, "tokens": tokens, "output_tok_s": tokens / wall}
 
     try:
-        return {"rounds": asyncio.run(rounds()), "sampling": engine.sampling_path}
+        asyncio.run(one(-1, 8))                               # warm up
+        print("READY", engine.sampling_path, flush=True)
+        for line in sys.stdin:
+            if line.strip() != "run":
+                break
+            print("ROUND " + json.dumps(asyncio.run(one_round())), flush=True)
     finally:
         engine.terminate()
 
@@ -99,40 +102,36 @@ def one_client(port: int, i: int, max_tokens: int, out: dict) -> None:
               "tokens": tokens, "ids": len(ids), "done": done}
 
 
-def server_rounds(a) -> list[dict]:
+def start_server(a) -> tuple[subprocess.Popen, int]:
     port = free_port()
     cmd = [sys.executable, "-m", "mlc.cli.main", "serve", a.model, "--device", a.device,
            "--port", str(port), "--mode", "server", "--max-batch-size", str(a.clients),
-           "--log-level", "warning"]
+           "--max-total-seq-length", str(a.kv_tokens), "--log-level", "warning"]
     if a.model_lib:
         cmd += ["--model-lib", a.model_lib]
     server = subprocess.Popen(cmd, env=os.environ.copy())
-    rounds = []
-    try:
-        for _ in range(1200):
-            try:
-                c = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-                c.request("GET", "/health")
-                if c.getresponse().status == 200:
-                    break
-            except OSError:
-                time.sleep(0.5)
-        one_client(port, -1, 8, {})                  # warm up
-        for _ in range(a.runs):
-            results: dict = {}
-            t0 = time.perf_counter()
-            threads = [threading.Thread(target=one_client, args=(port, i, a.max_tokens, results))
-                       for i in range(a.clients)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            wall = time.perf_counter() - t0
-            rounds.append(round_summary(results, wall, a))
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
-    return rounds
+    for _ in range(1200):
+        try:
+            c = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            c.request("GET", "/health")
+            if c.getresponse().status == 200:
+                break
+        except OSError:
+            time.sleep(0.5)
+    one_client(port, -1, 8, {})                       # warm up
+    return server, port
+
+
+def server_round(port: int, a) -> dict:
+    results: dict = {}
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=one_client, args=(port, i, a.max_tokens, results))
+               for i in range(a.clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return round_summary(results, time.perf_counter() - t0, a)
 
 
 def round_summary(results: dict, wall: float, a) -> dict:
@@ -158,24 +157,53 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--json")
-    p.add_argument("--engine-only", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--kv-tokens", type=int, default=0,
+                   help="KV-cache tokens of each process (default: clients x (max_tokens + 128))")
+    p.add_argument("--engine-worker", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
-    if a.engine_only:                                 # the engine-alone phase's subprocess
-        print("ENGINE " + json.dumps(engine_alone(a)))
+    a.kv_tokens = a.kv_tokens or a.clients * (a.max_tokens + 128)
+    if a.engine_worker:
+        engine_worker(a)
         return
-    child = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--engine-only"],
-                           capture_output=True, text=True, env=os.environ.copy())
-    line = next((x for x in child.stdout.splitlines() if x.startswith("ENGINE ")), None)
-    if line is None:
-        sys.exit(f"the engine-alone phase failed:\n{child.stdout}\n{child.stderr}")
-    engine = json.loads(line[len("ENGINE "):])
-    server = server_rounds(a)
+    worker = subprocess.Popen([sys.executable, __file__, *sys.argv[1:], "--engine-worker"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                              env=os.environ.copy())
+    server = None
+    try:
+        ready = []
+        for line in worker.stdout:                    # (loading may print first)
+            if line.startswith("READY"):
+                ready = line.split()
+                break
+        if not ready:
+            sys.exit("the engine-alone process failed to start")
+        server, port = start_server(a)
+        engine_rounds, server_rounds = [], []
+        for _ in range(a.runs):
+            worker.stdin.write("run\n")
+            worker.stdin.flush()
+            line = worker.stdout.readline()
+            if not line.startswith("ROUND "):
+                sys.exit(f"the engine-alone round failed: {line!r}")
+            engine_rounds.append(json.loads(line[len("ROUND "):]))
+            server_rounds.append(server_round(port, a))
+        worker.stdin.write("quit\n")
+        worker.stdin.flush()
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait(timeout=60)
+        worker.wait(timeout=60)
+    engine = {"rounds": engine_rounds, "sampling": ready[1]}
+    server = server_rounds
     engine_rate = statistics.median(r["output_tok_s"] for r in engine["rounds"])
     server_rate = statistics.median(r["output_tok_s"] for r in server)
     summary = {
         "clients": a.clients, "max_tokens": a.max_tokens, "runs": a.runs,
         "engine_tok_s": engine_rate, "server_tok_s": server_rate,
         "server_over_engine": server_rate / engine_rate,
+        "server_over_engine_per_pair_median": statistics.median(
+            s["output_tok_s"] / e["output_tok_s"] for s, e in zip(server, engine["rounds"])),
         "engine_rounds_tok_s": [r["output_tok_s"] for r in engine["rounds"]],
         "server_rounds_tok_s": [r["output_tok_s"] for r in server],
         "sampling": engine["sampling"], "server_rounds": server,
@@ -186,7 +214,8 @@ def main() -> None:
     }
     print(json.dumps(summary, indent=1))
     print(f"engine alone {engine_rate:,.0f} tok/s, server {server_rate:,.0f} tok/s: "
-          f"{server_rate / engine_rate:.2f}x")
+          f"{server_rate / engine_rate:.2f}x (median of per-round ratios "
+          f"{summary['server_over_engine_per_pair_median']:.2f}x)")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(summary, f, indent=1)

@@ -19,7 +19,9 @@ import asyncio
 import json
 import logging
 import queue
+import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Iterator
@@ -641,15 +643,51 @@ class MLCEngine(_EngineBase):
 # ---------------------------------------------------------------------------------------------
 # The asynchronous engine
 # ---------------------------------------------------------------------------------------------
+class _LoopDispatch:
+    """Hands outputs from the engine thread to one asyncio loop: the outputs of one step (for
+    every request on that loop) arrive with one wakeup of the loop, not one per request."""
+
+    _by_loop: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.lock = threading.Lock()
+        self.pending: list[tuple[asyncio.Queue, RequestOutput]] = []
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop) -> _LoopDispatch:
+        dispatch = cls._by_loop.get(loop)
+        if dispatch is None:
+            dispatch = cls._by_loop[loop] = cls(loop)
+        return dispatch
+
+    def put(self, q: asyncio.Queue, out: RequestOutput) -> None:
+        with self.lock:
+            wake = not self.pending
+            self.pending.append((q, out))
+        if wake:
+            try:
+                self.loop.call_soon_threadsafe(self._drain)
+            except RuntimeError:        # the loop was closed: nobody is waiting any more
+                with self.lock:
+                    self.pending.clear()
+
+    def _drain(self) -> None:
+        with self.lock:
+            items, self.pending = self.pending, []
+        for q, out in items:
+            q.put_nowait(out)
+
+
 class _AsyncStream:
     """Receives a request's outputs from the loop thread into an asyncio queue."""
 
     def __init__(self):
-        self.loop = asyncio.get_running_loop()
+        self.dispatch = _LoopDispatch.of(asyncio.get_running_loop())
         self.queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
 
     def __call__(self, out: RequestOutput) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, out)
+        self.dispatch.put(self.queue, out)
 
     async def __aiter__(self) -> AsyncIterator[RequestOutput]:
         while True:
