@@ -195,6 +195,24 @@ def test_completions_api_shapes(engine):
     assert "".join(c.text for ch in chunks for c in ch.choices) == r.choices[0].text
 
 
+def test_model_id_is_the_dir_name_or_the_served_name(tiny, engine):
+    _, mlc_dir, _ = tiny
+    assert engine.model_id == mlc_dir.name and "/" not in engine.model_id
+    assert chat(engine, max_tokens=1).model == mlc_dir.name
+    for name in (mlc_dir.name, str(mlc_dir), None):
+        assert engine.serves_model(name)
+    assert not engine.serves_model("gpt-4o")
+    named = make_engine(tiny, served_model_name="tiny-chat")
+    try:
+        r = chat(named, max_tokens=1, model="tiny-chat")
+        assert named.model_id == r.model == "tiny-chat"
+        with pytest.raises(BadRequestError) as e:
+            chat(named, max_tokens=1, model="other")
+        assert e.value.code == "model_not_found" and "tiny-chat" in e.value.message
+    finally:
+        named.terminate()
+
+
 def test_request_ids(engine):
     r = chat(engine, max_tokens=2, request_id="my-request-1")
     assert r.id == "my-request-1"
