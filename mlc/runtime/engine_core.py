@@ -9,7 +9,6 @@ Other threads talk to the loop only through `submit`, `abort`, `shutdown` and th
 
 from __future__ import annotations
 
-import collections
 import logging
 import queue
 import threading
@@ -178,10 +177,11 @@ class EngineCore:
 
 
 def _unfinished_indices(req: Request) -> list[int]:
-    """The choices an abort ends: those not finished (all n before the first admission)."""
-    if not req.seqs:
+    """The choices an abort ends: those it found unfinished, and all n choices of a request
+    whose other choices were not forked yet."""
+    if not req.forked:
         return list(range(req.config.n))
     return [s.index for s in req.seqs if s.finish_reason == "abort"]
 
 
-__all__ = ["EngineCore", "EngineLimits", "Request", "RequestOutput", "collections"]
+__all__ = ["EngineCore", "EngineLimits", "Request", "RequestOutput"]
