@@ -108,7 +108,7 @@ def bench_mlc(model_dir: Path, lib: Path, runs: int, profile: bool) -> dict:
 
 def profile_mlc(model, fresh) -> dict:
     """Milliseconds per VM call symbol for one 64-token prefill and one decode step."""
-    from mlc.runtime.bench import profile_vm_calls
+    from mlc.benchmark.model_bench import profile_vm_calls
 
     result = {}
     for phase in ("prefill_64", "decode"):

@@ -8,8 +8,8 @@ import argparse
 import json
 from dataclasses import asdict
 
+from mlc.benchmark.transformers_bench import bench_transformers
 from mlc.models.presets import get_preset
-from mlc.runtime.bench_transformers import bench_transformers
 
 p = argparse.ArgumentParser()
 p.add_argument("--model-config", default="llama-3-8b")

@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 
-from mlc.runtime.bench import profile_vm_calls
+from mlc.benchmark.model_bench import profile_vm_calls
 from mlc.runtime.model import KVCacheConfig, LoadedModel
 
 

@@ -12,7 +12,7 @@ mlc.cuda.q4_set_paths and timed per call with CUDA events (median of --runs call
             with --splits, one column per forced split-K value (mma/s4, ...; 0 = automatic)
     cublas  dequantize to float16 + cuBLAS (old path, M > 8)
 
-Weights are random q4 (mlc.cuda.fill_random), with enough copies of each layer in rotation that
+Weights are random q4 (mlc.bench.fill_random, bench/cuda_fill.py), with enough copies of each layer in rotation that
 they do not stay in the 50 MB L2 between calls (as in a decode step, where every layer's weights
 come from HBM). GB/s counts the q4 weight and scale bytes; TFLOP/s is 2 M N K / time. The
 per-M summary adds the four shapes x 32 layers: the matmul time of one decode step (without the
@@ -42,7 +42,7 @@ class Timer:
 
     A call from Python takes longer to issue than a small kernel takes to run, so the GPU would
     wait for the CPU between calls and the events would time the CPU. The timed calls are
-    therefore queued behind `busy` (device work of a known duration: fill_random on a scratch
+    therefore queued behind `busy` (device work of a known duration: mlc.bench.fill_random on a scratch
     buffer) long enough for all of them to be issued before the GPU reaches them."""
 
     def __init__(self, dev, busy, busy_us):
@@ -131,7 +131,12 @@ def main() -> None:
     _, dev = parse_runtime_device("cuda")
     _load_module(a.lib)                          # registers mlc.cuda.*
     g = tvm.get_global_func
-    q4_matmul, fill = g("mlc.cuda.q4_matmul"), g("mlc.cuda.fill_random")
+    from cuda_fill import load_fill_random
+
+    from mlc.support.cuda_arch import arch_for_compute_capability
+
+    fill = load_fill_random(arch_for_compute_capability(dev.compute_version))
+    q4_matmul = g("mlc.cuda.q4_matmul")
     set_paths, set_config = g("mlc.cuda.q4_set_paths"), g("mlc.cuda.q4_set_mma_config")
     ms = [int(v) for v in a.ms.split(",")]
     splits = [int(v) for v in a.splits.split(",")]

@@ -105,13 +105,13 @@ def smol_engine_dir(smollm2_dir, tmp_path_factory) -> Path:
 def slow_decode(monkeypatch):
     """Make an engine's decode steps take >= `seconds`, so a test can act mid-request."""
     def apply(engine, seconds=0.01):
-        real = engine.model.decode
+        real = engine.model.decode_logits
 
         def slow(*args, **kwargs):
             time.sleep(seconds)
             return real(*args, **kwargs)
 
-        monkeypatch.setattr(engine.model, "decode", slow)
+        monkeypatch.setattr(engine.model, "decode_logits", slow)
     return apply
 
 

@@ -12,7 +12,6 @@ import logging
 import math
 import threading
 import time
-import uuid
 
 import numpy as np
 import pytest
@@ -55,7 +54,7 @@ def make_engine(tiny, **kwargs) -> MLCEngine:
 def engine(tiny):
     """The shared engine (local mode: 4 sequences, 256-token context and chunk)."""
     eng = make_engine(tiny)
-    eng.initial_free_pages = eng.model.free_pages()
+    eng.initial_free_pages = eng.stats().kv_pages_free
     yield eng
     eng.terminate()
 
@@ -90,11 +89,10 @@ def stream_text(chunks) -> dict[int, str]:
 def generated_ids(engine, prompt, **kwargs) -> list[int]:
     """The token ids a completion request generates (the OpenAI shapes carry only strings,
     so this reads the engine's own outputs)."""
-    args = dict(prompt=prompt, temperature=0, max_tokens=16, ignore_eos=True)
+    args = dict(temperature=0, max_tokens=16, ignore_eos=True)
     args.update(kwargs)
-    _, ids, gen = engine._prepare_completion(args)
-    return [t for out in engine._submit(f"ids-{uuid.uuid4().hex}", ids, gen)
-            for d in out.deltas for t in d.token_ids]
+    return [t for out in engine.generate(prompt, **args) for d in out.deltas
+            for t in d.token_ids]
 
 
 def chatml_ids(engine, messages) -> list[int]:
@@ -111,13 +109,16 @@ def wait_until(predicate, timeout=20.0, what="condition"):
         time.sleep(0.01)
 
 
+def idle(engine) -> bool:
+    stats = engine.stats()
+    return stats.running_requests == 0 and stats.waiting_requests == 0
+
+
 def assert_idle_and_freed(engine, initial_pages: int) -> None:
     """Every request is gone from the loop and every KV page is free again."""
-    core = engine.core
-    wait_until(lambda: not core.running and not core.waiting and core._inbox.empty(),
-               what="the engine to go idle")
-    wait_until(lambda: engine.model.free_pages() == initial_pages,
-               what=f"KV pages to be freed ({engine.model.free_pages()} != {initial_pages})")
+    wait_until(lambda: idle(engine), what="the engine to go idle")
+    wait_until(lambda: engine.stats().kv_pages_free == initial_pages,
+               what=f"KV pages to be freed ({engine.stats().kv_pages_free} != {initial_pages})")
 
 
 # ------------------------------------------------------------------------------ API shapes
@@ -192,6 +193,24 @@ def test_completions_api_shapes(engine):
     Completion.model_validate(chunks[-1].model_dump())
     assert all(set(c.model_dump()) == set(r.model_dump()) for c in chunks)
     assert "".join(c.text for ch in chunks for c in ch.choices) == r.choices[0].text
+
+
+def test_model_id_is_the_dir_name_or_the_served_name(tiny, engine):
+    _, mlc_dir, _ = tiny
+    assert engine.model_id == mlc_dir.name and "/" not in engine.model_id
+    assert chat(engine, max_tokens=1).model == mlc_dir.name
+    for name in (mlc_dir.name, str(mlc_dir), None):
+        assert engine.serves_model(name)
+    assert not engine.serves_model("gpt-4o")
+    named = make_engine(tiny, served_model_name="tiny-chat")
+    try:
+        r = chat(named, max_tokens=1, model="tiny-chat")
+        assert named.model_id == r.model == "tiny-chat"
+        with pytest.raises(BadRequestError) as e:
+            chat(named, max_tokens=1, model="other")
+        assert e.value.code == "model_not_found" and "tiny-chat" in e.value.message
+    finally:
+        named.terminate()
 
 
 def test_request_ids(engine):
@@ -430,7 +449,7 @@ def test_max_tokens_and_max_completion_tokens(engine):
     # Without a limit, generation ends at the context window with "length".
     r = engine.chat.completions.create(messages=msgs(), temperature=0, ignore_eos=True)
     assert r.choices[0].finish_reason == "length"
-    assert r.usage.total_tokens == engine.plan.context_window_size
+    assert r.usage.total_tokens == engine.limits.context_window_size
 
 
 def test_incremental_detokenization_never_splits_utf8(engine):
@@ -456,11 +475,11 @@ def test_incremental_detokenization_never_splits_utf8(engine):
 def test_concurrent_requests_batch_and_match_running_alone(engine):
     prompts = OTHER_PROMPTS
     alone = [content(chat(engine, content=p, max_tokens=20)) for p in prompts]
-    steps_before = engine.core.stats["decode_steps"]
+    steps_before = engine.stats().decode_steps
     streams = [chat(engine, content=p, max_tokens=20, stream=True) for p in prompts]
     together = [stream_text(s)[0] for s in streams]       # all submitted before reading
     assert together == alone
-    steps = engine.core.stats["decode_steps"] - steps_before
+    steps = engine.stats().decode_steps - steps_before
     assert steps < 2 * 19, f"{steps} decode steps for 4 x 19 tokens: not batched"
     assert_idle_and_freed(engine, engine.initial_free_pages)
 
@@ -469,7 +488,7 @@ def test_chunked_prefill_matches_one_chunk(tiny, engine):
     whole = content(chat(engine, content=LONG_PROMPT, max_tokens=24))
     small = make_engine(tiny, prefill_chunk_size=16, enable_tracing=True)
     try:
-        assert small.plan.prefill_chunk_size == 16
+        assert small.limits.prefill_chunk_size == 16
         r = chat(small, content=LONG_PROMPT, max_tokens=24, request_id="long")
         assert content(r) == whole
         chunks = [e["args"]["tokens"] for e in small.tracer.request_events("long")
@@ -489,17 +508,17 @@ def test_chunked_prefill_matches_one_chunk(tiny, engine):
 def test_kv_cache_full_preempts_and_still_completes_correctly(tiny):
     eng = make_engine(tiny, max_total_sequence_length=128)
     try:
-        initial = eng.model.free_pages()
+        initial = eng.stats().kv_pages_free
         requests = [dict(content=p, max_tokens=60) for p in OTHER_PROMPTS] + \
             [dict(content=PROMPT, max_tokens=20, n=2, temperature=1.0, seed=4)]
         # (each request fits alone, also the n=2 one after a preemption, when its two
         # choices are recomputed without sharing the prompt's pages: 2 x 61 tokens)
         alone = [{i: c.message.content for i, c in enumerate(chat(eng, **r).choices)}
                  for r in requests]
-        assert eng.core.stats["preemptions"] == 0
+        assert eng.stats().preemptions == 0
         streams = [chat(eng, stream=True, **r) for r in requests]
         together = [stream_text(s) for s in streams]
-        assert eng.core.stats["preemptions"] > 0
+        assert eng.stats().preemptions > 0
         assert together == alone
         assert_idle_and_freed(eng, initial)
     finally:
@@ -510,7 +529,7 @@ def test_choices_of_one_request_outgrowing_the_cache_end_with_length(tiny, engin
     full = content(chat(engine, max_tokens=80))
     eng = make_engine(tiny, max_total_sequence_length=128)
     try:
-        initial = eng.model.free_pages()
+        initial = eng.stats().kv_pages_free
         r = chat(eng, max_tokens=80, n=3)   # 3 x 121 tokens do not fit 128 (nothing to preempt)
         assert [c.finish_reason for c in r.choices] == ["length"] * 3
         assert r.usage.completion_tokens < 3 * 80
@@ -552,7 +571,7 @@ def test_closing_a_stream_early_aborts_it(engine, slow_decode):
     next(stream)
     stream.close()
     assert_idle_and_freed(engine, engine.initial_free_pages)
-    assert engine.core.stats["decode_tokens"] > 0
+    assert engine.stats().decode_tokens > 0
 
 
 def test_abort_of_unknown_or_finished_request_is_harmless(engine):
@@ -652,7 +671,7 @@ def test_modes_and_explicit_overrides(tiny):
     def plan(**kwargs):
         eng = make_engine(tiny, **kwargs)
         eng.terminate()
-        p = eng.plan
+        p = eng.memory_plan
         return p.max_batch_size, p.max_total_sequence_length, p.prefill_chunk_size, p
 
     ctx = 256   # the tiny model's context window (= its compiled prefill chunk)
@@ -712,15 +731,11 @@ BAD_REQUESTS = [
 ]
 
 
-def test_bad_requests_fail_before_any_work_and_spare_running_requests(engine, slow_decode,
-                                                                      monkeypatch):
+def test_bad_requests_fail_before_any_work_and_spare_running_requests(engine, slow_decode):
     other_alone = content(chat(engine, max_tokens=40))
     slow_decode(engine, 0.02)
     running = chat(engine, max_tokens=40, stream=True)
     first = next(running)
-    submitted = []
-    real_submit = engine.core.submit
-    monkeypatch.setattr(engine.core, "submit", lambda r: (submitted.append(r), real_submit(r)))
     for request, param in BAD_REQUESTS:
         # (streams first: a request the engine wrongly accepts then fails fast, not hangs)
         for stream in (True, False) if param != "stream_options" else (False,):
@@ -732,7 +747,8 @@ def test_bad_requests_fail_before_any_work_and_spare_running_requests(engine, sl
                 or isinstance(err, ContextWindowExceededError), err.message
             body = err.to_openai()["error"]
             assert body["type"] == "invalid_request_error" and body["param"] == param
-    assert submitted == [] and engine.core.running      # the good one is still going
+            stats = engine.stats()       # nothing queued; the good one is still going
+            assert (stats.running_requests, stats.waiting_requests) == (1, 0), request
     rest = stream_text(running)[0]
     assert (first.choices[0].delta.content or "") + rest == other_alone
     assert_idle_and_freed(engine, engine.initial_free_pages)
@@ -741,7 +757,16 @@ def test_bad_requests_fail_before_any_work_and_spare_running_requests(engine, sl
 def test_context_window_error_is_openai_shaped(engine):
     with pytest.raises(ContextWindowExceededError) as e:
         chat(engine, content="hello " * 300)
-    assert e.value.code == "context_length_exceeded" and "context window" in e.value.message
+    prompt = len(chatml_ids(engine, msgs("hello " * 300)))
+    assert e.value.code == "context_length_exceeded" and e.value.param == "messages"
+    assert e.value.message == (   # OpenAI's wording, which LiteLLM and LangChain recognise
+        f"This model's maximum context length is 256 tokens. However, you requested "
+        f"{prompt + 16} tokens ({prompt} in the messages, 16 in the completion). Please reduce "
+        "the length of the messages or completion.")
+    with pytest.raises(ContextWindowExceededError) as e:
+        engine.completions.create(prompt=[5] * 200, max_tokens=100)
+    assert e.value.param == "max_tokens" and "you requested 300 tokens (200 in the prompt, " \
+        "100 in the completion)" in e.value.message
     with pytest.raises(BadRequestError) as e:
         engine.completions.create(prompt=[1000], max_tokens=1)
     assert e.value.param == "prompt"

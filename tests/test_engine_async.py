@@ -32,7 +32,7 @@ def make_engine(tiny, **kwargs) -> AsyncMLCEngine:
 def engine(tiny):
     eng = make_engine(tiny, max_batch_size=8, max_total_sequence_length=2048,
                       enable_tracing=True)
-    eng.initial_free_pages = eng.model.free_pages()
+    eng.initial_free_pages = eng.stats().kv_pages_free
     yield eng
     eng.terminate()
 
@@ -55,27 +55,29 @@ async def stream_text(engine, **kwargs) -> tuple[str, str | None]:
 
 
 async def wait_idle_and_freed(engine, initial_pages, timeout=20.0):
-    core, deadline = engine.core, time.monotonic() + timeout
-    while (core.running or core.waiting or not core._inbox.empty()
-           or engine.model.free_pages() != initial_pages):
-        assert time.monotonic() < deadline, \
-            f"engine not idle: {engine.model.free_pages()} free pages, {initial_pages} at start"
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = engine.stats()
+        if (stats.running_requests, stats.waiting_requests, stats.kv_pages_free) == \
+                (0, 0, initial_pages):
+            return
+        assert time.monotonic() < deadline, f"engine not idle: {stats}, {initial_pages} pages"
         await asyncio.sleep(0.01)
 
 
 def test_concurrent_requests_are_batched_and_match_running_alone(engine):
     async def main():
         alone = []
-        steps0 = engine.core.stats["decode_steps"]
+        steps0 = engine.stats().decode_steps
         for p in PROMPTS:
             r = await engine.chat.completions.create(**args(p, max_tokens=24))
             alone.append(r.choices[0].message.content)
-        sequential_steps = engine.core.stats["decode_steps"] - steps0
+        sequential_steps = engine.stats().decode_steps - steps0
         n_events = len(engine.tracer.events)
-        steps1 = engine.core.stats["decode_steps"]
+        steps1 = engine.stats().decode_steps
         together = await asyncio.gather(*[stream_text(engine, **args(p, max_tokens=24))
                                           for p in PROMPTS])
-        concurrent_steps = engine.core.stats["decode_steps"] - steps1
+        concurrent_steps = engine.stats().decode_steps - steps1
         return alone, sequential_steps, together, concurrent_steps, n_events
 
     alone, sequential_steps, together, concurrent_steps, n_events = asyncio.run(main())
@@ -86,7 +88,7 @@ def test_concurrent_requests_are_batched_and_match_running_alone(engine):
     sizes = [e["args"]["batch_size"] for e in engine.tracer.events[n_events:]
              if e["ph"] == "C" and e["name"] == "decode"]
     assert max(sizes) == len(PROMPTS) and sum(sizes) == len(PROMPTS) * 23
-    assert engine.core.stats["preemptions"] == 0
+    assert engine.stats().preemptions == 0
 
 
 def test_async_response_shapes(engine):
@@ -140,7 +142,7 @@ def test_cancelling_a_request_task_aborts_it(engine, slow_decode):
     async def main():
         task = asyncio.create_task(engine.chat.completions.create(
             **args("Hello", max_tokens=200, request_id="cancelled")))
-        while not engine.core.running:
+        while not engine.stats().running_requests:
             await asyncio.sleep(0.005)
         await asyncio.sleep(0.05)
         task.cancel()
@@ -156,7 +158,7 @@ def test_cancelling_a_request_task_aborts_it(engine, slow_decode):
         await wait_idle_and_freed(engine, engine.initial_free_pages)
 
     asyncio.run(main())
-    assert engine.core.stats["decode_tokens"] > 0
+    assert engine.stats().decode_tokens > 0
 
 
 def test_bad_request_fails_before_work_while_others_run(engine, slow_decode):

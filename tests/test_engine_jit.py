@@ -67,8 +67,9 @@ def compiles(tiny, monkeypatch):
 
 def cached_lib_path(model_dir: Path) -> Path:
     """Where the JIT cache keeps the CPU library of `model_dir`."""
-    from mlc.runtime.jit import cache_root, library_key
+    from mlc.runtime.jit import library_key
     from mlc.support.chat_config import ChatConfig
+    from mlc.support.paths import cache_root
 
     chat = ChatConfig.load(model_dir)
     return cache_root() / "lib" / \

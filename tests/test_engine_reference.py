@@ -122,7 +122,7 @@ def test_seed_example_async_two_concurrent_prompts(smollm2_q4, capsys):
         for request_id, output in output_texts.items():
             print(f"Output of request {request_id}:\n{output}\n")
 
-        stats = dict(async_engine.core.stats)
+        stats = async_engine.stats()
         async_engine.terminate()
         return output_texts, stats
 
@@ -130,7 +130,7 @@ def test_seed_example_async_two_concurrent_prompts(smollm2_q4, capsys):
     assert len(output_texts) == 2 and all(t.strip() for t in output_texts.values())
     assert "Output of request" in capsys.readouterr().out
     # the two requests shared decode steps
-    assert stats["decode_steps"] < stats["decode_tokens"]
+    assert stats.decode_steps < stats.decode_tokens
 
 
 # ------------------------------------------------------------------------------ transformers
@@ -187,8 +187,7 @@ def test_greedy_matches_transformers(smollm2_q0f32, embedded_gguf):
     try:
         messages = [[{"role": "user", "content": p}] for p in REFERENCE_PROMPTS]
         for m, ref in zip(messages, reference):
-            _, prompt_ids, _, _ = engine._prepare_chat({"messages": m})
-            assert prompt_ids == ref["prompt_ids"]          # same template, same tokenizer
+            assert engine.encode_chat(m) == ref["prompt_ids"]          # same template, same tokenizer
         # All prompts at once: batched prefill and decode must not change a token.
         streams = [engine.chat.completions.create(
             messages=m, max_tokens=REFERENCE_TOKENS, temperature=0, logprobs=True,

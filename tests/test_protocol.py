@@ -240,16 +240,29 @@ def test_generation_config_with_defaults():
 
 
 @pytest.mark.parametrize("kwargs, param", [
-    ({"temperature": 2.5}, "temperature"),
-    ({"top_p": 0}, "top_p"),
-    ({"top_k": -2}, "top_k"),
-    ({"logit_bias": {10: 1.0}}, "logit_bias"),      # outside vocab of 10
-    ({"top_logprobs": 2}, "top_logprobs"),
-    ({"stop_strs": [""]}, "stop"),
+    ({"logit_bias": {10: 1.0}}, "logit_bias"),      # outside a vocabulary of 10
     ({"stop_token_ids": [99]}, "stop_token_ids"),
-    ({"response_format": {"type": "xml"}}, "response_format"),
 ])
-def test_generation_config_validate(kwargs, param):
+def test_generation_config_checks_against_the_model(kwargs, param):
     with pytest.raises(BadRequestError) as info:
-        GenerationConfig(**kwargs).validate(vocab_size=10)
+        GenerationConfig(**kwargs).check_for_model(vocab_size=10)
     assert info.value.param == param
+    GenerationConfig(**kwargs).check_for_model(vocab_size=100)
+
+
+@pytest.mark.parametrize("kwargs, param", [
+    ({"stop": ""}, "stop"), ({"stop": ["a", ""]}, "stop"), ({"stop_token_ids": [3, -1]},
+                                                            "stop_token_ids"),
+])
+def test_protocol_is_the_one_validation(kwargs, param):
+    with pytest.raises(BadRequestError) as info:
+        parse_chat_request(messages=MSGS, **kwargs)
+    assert info.value.param == param
+
+
+def test_request_ids_are_given_once_by_the_protocol():
+    a, b = parse_chat_request(messages=MSGS), parse_chat_request(messages=MSGS)
+    assert a.request_id.startswith("chatcmpl-") and a.request_id != b.request_id
+    assert parse_chat_request(messages=MSGS, request_id="mine").request_id == "mine"
+    assert parse_completion_request(prompt="x").request_id.startswith("cmpl-")
+    assert parse_chat_request(a) is a                  # a parsed request is not re-validated

@@ -1,16 +1,16 @@
-"""Host-side sampler: greedy, seeds, top-k/top-p, penalties, bias, logprobs, distribution."""
+"""Host-side sampler (greedy, seeds, top-k/top-p, logprobs, distribution) and the built-in
+logit processors (penalties, logit_bias) against direct computations."""
 
 import numpy as np
 import pytest
 
 from mlc.runtime.generation_config import GenerationConfig
-from mlc.runtime.sampler import (
-    Sampler,
-    TokenHistory,
-    apply_penalties_and_bias,
-    log_softmax,
-    make_generator,
+from mlc.runtime.penalties import (
+    LogitBiasProcessor,
+    PenaltyProcessor,
+    builtin_processor_factories,
 )
+from mlc.runtime.sampler import Sampler, log_softmax, make_generator
 
 VOCAB = 49152
 
@@ -21,6 +21,18 @@ def _logits(batch=4, vocab=VOCAB, seed=0, scale=3.0):
 
 def _cfg(**kw):
     return GenerationConfig(**kw).with_defaults({})
+
+
+def _processed(logits, cfgs, prompts=None, outputs=None):
+    """The logits after each row's built-in processors (as the engine runs them)."""
+    x = logits.copy()
+    for row, cfg in enumerate(cfgs):
+        for make in builtin_processor_factories(cfg):
+            proc = make(list(prompts[row]) if prompts else [])
+            for t in outputs[row] if outputs else []:
+                proc.accept(t)
+            proc.apply(x[row])
+    return x
 
 
 def test_greedy_is_argmax():
@@ -83,27 +95,58 @@ def test_penalties_match_direct_computation():
     cfgs = [_cfg(repetition_penalty=1.3),
             _cfg(presence_penalty=0.8, frequency_penalty=0.6, logit_bias={3: 5.0, 9: -2.0}),
             _cfg(repetition_penalty=0.7, presence_penalty=-1.0, frequency_penalty=1.5)]
-    hists, refs = [], []
+    prompts, outputs, refs = [], [], []
     for row, cfg in enumerate(cfgs):
-        prompt = list(rng.integers(0, vocab, 30))
-        output = list(rng.integers(0, vocab, 20)) + [int(prompt[0])] * 3
-        hist = TokenHistory(prompt)
-        for t in output:
-            hist.append(t)
-        hists.append(hist)
-        refs.append(_reference_penalties(logits[row], cfg, [int(t) for t in prompt],
-                                         [int(t) for t in output]))
-    got = apply_penalties_and_bias(logits.copy(), cfgs, hists)
+        prompt = [int(t) for t in rng.integers(0, vocab, 30)]
+        output = [int(t) for t in rng.integers(0, vocab, 20)] + [prompt[0]] * 3
+        prompts.append(prompt)
+        outputs.append(output)
+        refs.append(_reference_penalties(logits[row], cfg, prompt, output))
+    got = _processed(logits, cfgs, prompts, outputs)
     np.testing.assert_allclose(got, np.stack(refs), rtol=1e-6, atol=1e-5)
     # Only the penalized tokens changed.
     changed = np.nonzero(got[0] != logits[0])[0]
-    assert set(changed) <= set(hists[0].prompt_ids) | set(hists[0].output_ids)
+    assert set(changed) <= set(prompts[0]) | set(outputs[0])
+
+
+def test_requests_without_penalties_or_bias_get_no_processor():
+    assert builtin_processor_factories(_cfg(temperature=0.7, top_p=0.9)) == []
+    assert len(builtin_processor_factories(_cfg(logit_bias={1: 2.0}))) == 1
+    assert len(builtin_processor_factories(_cfg(presence_penalty=0.5))) == 1
+
+
+def test_penalty_processor_fork_and_rollback():
+    rng = np.random.default_rng(13)
+    row = rng.standard_normal(200).astype(np.float32)
+    proc = PenaltyProcessor([1, 2, 3], repetition=1.2, presence=0.5, frequency=0.3)
+    for t in (5, 6, 5):
+        proc.accept(t)
+    child = proc.fork()
+    child.accept(7)
+    a, b = row.copy(), row.copy()
+    proc.apply(a)
+    child.apply(b)
+    assert a[7] == row[7] and b[7] != row[7]      # the child's token only penalizes the child
+    child.rollback(1)                              # forgetting it makes them equal again
+    c = row.copy()
+    child.apply(c)
+    np.testing.assert_array_equal(a, c)
+    proc.rollback(2)                               # back to having taken only token 5 once
+    ref = PenaltyProcessor([1, 2, 3], repetition=1.2, presence=0.5, frequency=0.3)
+    ref.accept(5)
+    d, e = row.copy(), row.copy()
+    proc.apply(d)
+    ref.apply(e)
+    np.testing.assert_array_equal(d, e)
+    bias = LogitBiasProcessor({4: 3.0, 500: 1.0})            # ids beyond the vocab are ignored
+    f = row.copy()
+    bias.fork().apply(f)
+    assert f[4] == row[4] + 3.0 and np.count_nonzero(f != row) == 1
 
 
 def test_presence_penalty_ignores_prompt_tokens():
     logits = _logits(batch=1, vocab=100, seed=6)
-    hist = TokenHistory([1, 2, 3])
-    got = apply_penalties_and_bias(logits.copy(), [_cfg(presence_penalty=2.0)], [hist])
+    got = _processed(logits, [_cfg(presence_penalty=2.0)], [[1, 2, 3]])
     np.testing.assert_array_equal(got, logits)
 
 
@@ -111,11 +154,13 @@ def test_logit_bias_minus_100_bans_token():
     logits = _logits(batch=1, vocab=50, seed=7, scale=0.5)
     best = int(np.argmax(logits[0]))
     sampler = Sampler()
-    greedy = sampler.sample(logits, [_cfg(temperature=0, logit_bias={best: -100.0})])
+    greedy_cfg = _cfg(temperature=0, logit_bias={best: -100.0})
+    greedy = sampler.sample(_processed(logits, [greedy_cfg]), [greedy_cfg])
     assert greedy[0].token_id != best
     gen = make_generator(0)
     cfg = _cfg(temperature=1.0, logit_bias={best: -100.0})
-    drawn = {sampler.sample(logits, [cfg], generators=[gen])[0].token_id for _ in range(2000)}
+    biased = _processed(logits, [cfg])
+    drawn = {sampler.sample(biased, [cfg], generators=[gen])[0].token_id for _ in range(2000)}
     assert best not in drawn and len(drawn) > 10
 
 
@@ -123,7 +168,8 @@ def test_logit_bias_plus_100_forces_token():
     logits = _logits(batch=1, vocab=500, seed=8)
     cfg = _cfg(temperature=1.0, logit_bias={123: 100.0})
     gen = make_generator(1)
-    assert {Sampler().sample(logits, [cfg], generators=[gen])[0].token_id
+    biased = _processed(logits, [cfg])
+    assert {Sampler().sample(biased, [cfg], generators=[gen])[0].token_id
             for _ in range(50)} == {123}
 
 
@@ -133,8 +179,8 @@ def test_logprobs_are_log_softmax_of_processed_logits():
                  logit_bias={11: 3.0}),
             _cfg(temperature=0, logprobs=True, top_logprobs=0),
             _cfg(temperature=1.0)]
-    out = Sampler().sample(logits, cfgs, generators=[make_generator(i) for i in range(3)])
-    processed = apply_penalties_and_bias(logits.copy(), cfgs, [None] * 3)
+    processed = _processed(logits, cfgs)
+    out = Sampler().sample(processed, cfgs, generators=[make_generator(i) for i in range(3)])
     full = log_softmax(processed)
     np.testing.assert_allclose(np.exp(full.astype(np.float64)).sum(-1), 1.0, rtol=1e-5)
     for row in (0, 1):
@@ -186,6 +232,6 @@ def test_mixed_batch_full_vocab_is_fast_enough():
     cfgs = [_cfg(temperature=0) if i % 3 == 0 else
             _cfg(temperature=0.7, top_p=0.9, top_k=50 if i % 2 else 0, logprobs=True,
                  top_logprobs=2, repetition_penalty=1.1) for i in range(64)]
-    hists = [TokenHistory(list(range(i, i + 100))) for i in range(64)]
-    out = Sampler(seed=0).sample(logits, cfgs, hists)
+    out = Sampler(seed=0).sample(_processed(logits, cfgs, [range(i, i + 100) for i in range(64)]),
+                                 cfgs)
     assert len(out) == 64 and all(0 <= o.token_id < VOCAB for o in out)

@@ -16,7 +16,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
@@ -49,7 +48,7 @@ def engine(smol_engine_dir):
 
     eng = AsyncMLCEngine(str(smol_engine_dir), device="cpu", max_batch_size=16,
                          max_total_sequence_length=2048, prefill_chunk_size=256)
-    eng.idle_free_pages = eng.model.free_pages()
+    eng.idle_free_pages = eng.stats().kv_pages_free
     yield eng
     eng.terminate()
 
@@ -75,7 +74,7 @@ def http(server) -> httpx.Client:
 
 @pytest.fixture(scope="module")
 def model_name(engine) -> str:
-    return engine.model_name
+    return engine.model_id
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +95,7 @@ def greedy(client, model_name):
 def wait_idle(engine, timeout: float = 60.0) -> None:
     """Wait until the engine runs and queues nothing."""
     deadline = time.monotonic() + timeout
-    while engine.core.running or engine.core.waiting:
+    while engine.stats().running_requests or engine.stats().waiting_requests:
         assert time.monotonic() < deadline, "the engine still holds requests"
         time.sleep(0.05)
 
@@ -256,35 +255,35 @@ def test_disconnect_aborts_and_frees_kv(server, http, engine, model_name):
     # far more tokens than the test waits for: only an abort can end these requests early
     body = {"model": model_name, "prompt": PROMPTS[2], "max_tokens": 2000, "ignore_eos": True,
             "temperature": 0, "stream": True}
-    decoded_before = engine.core.stats["decode_tokens"]
+    decoded_before = engine.stats().decode_tokens
     with http.stream("POST", "/v1/completions", json=body) as response:
         assert response.status_code == 200
         first = next(line for line in response.iter_lines() if line.startswith("data: "))
         assert json.loads(first[len("data: "):])["choices"][0]["text"] is not None
-        assert engine.core.running                    # still generating
+        assert engine.stats().running_requests        # still generating
     # the response is closed: the engine must drop the request and free its KV pages
     wait_idle(engine)
-    assert engine.model.free_pages() == engine.idle_free_pages
+    assert engine.stats().kv_pages_free == engine.idle_free_pages
     # a non-streaming request whose client gives up is aborted as well
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(server.url + "/v1/completions", json={**body, "stream": False},
                    headers={"Authorization": f"Bearer {API_KEY}"},
                    timeout=httpx.Timeout(30, read=1.0))
     wait_idle(engine)
-    assert engine.model.free_pages() == engine.idle_free_pages
-    assert engine.core.stats["decode_tokens"] - decoded_before < 2000
+    assert engine.stats().kv_pages_free == engine.idle_free_pages
+    assert engine.stats().decode_tokens - decoded_before < 2000
     assert server_state(server).open_requests == 0
 
 
 def server_state(server):
-    return server._server.config.app.state.mlc
+    return server.app.state.mlc
 
 
 @slow
 def test_concurrent_streams_are_not_mixed(server, engine, greedy, model_name):
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(16)]
     expected = {p: greedy(p) for p in set(prompts)}
-    stats_before = dict(engine.core.stats)
+    stats_before = engine.stats()
 
     async def one(client: openai.AsyncOpenAI, prompt: str) -> str:
         stream = await client.completions.create(model=model_name, prompt=prompt,
@@ -299,9 +298,95 @@ def test_concurrent_streams_are_not_mixed(server, engine, greedy, model_name):
 
     results = asyncio.run(all_of_them())
     assert results == [expected[p] for p in prompts]
-    steps = engine.core.stats["decode_steps"] - stats_before.get("decode_steps", 0)
-    tokens = engine.core.stats["decode_tokens"] - stats_before.get("decode_tokens", 0)
+    steps = engine.stats().decode_steps - stats_before.decode_steps
+    tokens = engine.stats().decode_tokens - stats_before.decode_tokens
     assert tokens / steps > 2, "the concurrent requests were not batched"
+    wait_idle(engine)
+
+
+@slow
+def test_x_request_id_header(http, model_name):
+    body = {"model": model_name, "prompt": PROMPTS[1], "max_tokens": 1, "temperature": 0}
+    r = http.post("/v1/completions", json=body)
+    assert r.status_code == 200 and r.headers["x-request-id"] == r.json()["id"]
+    assert r.json()["id"].startswith("cmpl-")
+    r = http.post("/v1/completions", json=body, headers={"x-request-id": "trace-42"})
+    assert r.headers["x-request-id"] == "trace-42" == r.json()["id"]
+    with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as stream:
+        events = [json.loads(line[6:]) for line in stream.iter_lines()
+                  if line.startswith("data: {")]
+        assert stream.headers["x-request-id"] == events[0]["id"]
+
+
+@slow
+def test_context_overflow_is_openais_error(http, model_name, engine):
+    ctx = engine.limits.context_window_size
+    body = {"model": model_name, "prompt": [5] * 10, "max_tokens": ctx}
+    error = assert_openai_error(http.post("/v1/completions", json=body), 400,
+                                "context_length_exceeded")
+    assert error["message"].startswith(
+        f"This model's maximum context length is {ctx} tokens. However, you requested "
+        f"{ctx + 10} tokens (10 in the prompt, {ctx} in the completion).")
+    assert error["param"] == "max_tokens"
+
+
+def scrape(http) -> dict[tuple[str, tuple], float]:
+    """GET /metrics parsed by prometheus_client: (sample name, sorted labels) -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    response = http.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(response.text)
+            for s in family.samples}
+
+
+@slow
+def test_metrics_scrape_counts_what_ran(http, engine, model_name):
+    wait_idle(engine)
+    before = scrape(http)
+    label = (("model_name", model_name),)
+    usage = []
+    for prompt in PROMPTS[:2]:
+        r = http.post("/v1/completions", json={"model": model_name, "prompt": prompt,
+                                               "max_tokens": 3, "ignore_eos": True,
+                                               "temperature": 0})
+        usage.append(r.json()["usage"])
+    wait_idle(engine)
+    after = scrape(http)
+    delta = lambda name, labels=label: after[(name, labels)] - before.get((name, labels), 0)
+    assert delta("mlc:generation_tokens_total") == 6
+    assert delta("mlc:prompt_tokens_total") == sum(u["prompt_tokens"] for u in usage)
+    length = tuple(sorted((*label, ("finished_reason", "length"))))
+    assert delta("mlc:request_success_total", length) == 2
+    assert delta("mlc:time_to_first_token_seconds_count") == 2
+    assert delta("mlc:e2e_request_latency_seconds_count") == 2
+    assert delta("mlc:inter_token_latency_seconds_count") == 4      # 2 later tokens each
+    e2e_sum = delta("mlc:e2e_request_latency_seconds_sum")
+    assert 0 < delta("mlc:time_to_first_token_seconds_sum") < e2e_sum
+    inf = tuple(sorted((*label, ("le", "+Inf"))))
+    assert after[("mlc:e2e_request_latency_seconds_bucket", inf)] == \
+        after[("mlc:e2e_request_latency_seconds_count", label)]
+    for name in ("vllm:num_requests_waiting", "vllm:num_requests_running",
+                 "vllm:kv_cache_usage_perc", "mlc:num_requests_waiting",
+                 "mlc:kv_cache_usage_perc"):
+        assert after[(name, label)] == 0, name                      # idle: nothing held
+
+
+@slow
+def test_metrics_gauges_while_busy(server, http, engine, model_name):
+    body = {"model": model_name, "prompt": PROMPTS[3], "max_tokens": 2000, "ignore_eos": True,
+            "temperature": 0, "stream": True}
+    label = (("model_name", model_name),)
+    with http.stream("POST", "/v1/completions", json=body) as response:
+        next(line for line in response.iter_lines() if line.startswith("data: "))
+        busy = scrape(http)
+        stats = engine.stats()
+    assert busy[("vllm:num_requests_running", label)] == 1
+    kv = busy[("vllm:kv_cache_usage_perc", label)]
+    pages = stats.kv_pages_total - stats.kv_pages_free
+    assert 0 < kv < 1 and abs(kv - pages / stats.kv_pages_total) <= 2 / stats.kv_pages_total
     wait_idle(engine)
 
 
@@ -380,35 +465,43 @@ def test_fuzzed_requests_never_500(http, body):
 
 class StubEngine:
     """Answers completions by prompt: "slow" streams a chunk every 50 ms until aborted,
-    "crash" raises a non-mlc error, "midway" fails after one chunk."""
+    "crash" raises a non-mlc error, "midway" fails after one chunk. It implements the public
+    engine interface the app uses, and nothing else."""
 
-    model_name = "stub-model"
-    model_dir = Path("/models/stub-model")
-    plan = SimpleNamespace(max_batch_size=1)
+    model_id = "stub-model"
+    limits = SimpleNamespace(max_batch_size=1)
 
     def __init__(self):
-        self.chat = SimpleNamespace(completions=self)
-        self.completions = self
         self.aborted: list[str] = []
-        self.core = SimpleNamespace(alive=True)
+
+    def serves_model(self, name) -> bool:
+        return name in (None, "", self.model_id)
+
+    def is_alive(self) -> bool:
+        return True
+
+    def metrics(self):
+        from mlc.runtime.metrics import E2E_BUCKETS, Histogram, MetricsSnapshot
+
+        h = Histogram(E2E_BUCKETS).snapshot()
+        return MetricsSnapshot(self.model_id, {}, 0, 0, 0, 0, 0, 0.0, h, h, h)
 
     def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)
 
-    async def create(self, **kwargs):
-        req = P.parse_completion_request(kwargs)
+    async def serve_request(self, req):
         if req.prompt == "crash":
             raise RuntimeError("secret internal detail")
         if not req.stream:
-            return P.Completion(model=self.model_name,
+            return P.Completion(model=self.model_id,
                                 choices=[P.CompletionChoice(text="ok", finish_reason="stop")])
         return self._chunks(req.prompt, req.request_id)
 
     async def _chunks(self, prompt, rid):
         for _ in range(2000 if prompt == "slow" else 1):
             await asyncio.sleep(0.05)
-            yield P.Completion(id=rid, model=self.model_name,
-                               choices=[P.CompletionChoice(text="tok")])
+            yield P.Completion(id=rid, model=self.model_id,
+                               choices=[P.CompletionChoice(text="tok")]).model_dump_json()
         if prompt == "midway":
             raise MLCError("the engine failed midway")
 
@@ -483,7 +576,7 @@ def test_mlc_serve_command(smol_engine_dir):
                 time.sleep(0.2)
         models = httpx.get(f"http://127.0.0.1:{port}/v1/models",
                            headers={"Authorization": f"Bearer {API_KEY}"}).json()
-        assert models["data"][0]["id"] == str(smol_engine_dir)
+        assert models["data"][0]["id"] == smol_engine_dir.name     # never an absolute path
     finally:
         proc.send_signal(signal.SIGINT)
         try:

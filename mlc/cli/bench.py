@@ -48,8 +48,8 @@ def preset_model_dir(preset: str, quantization: str, dest: Path) -> Path:
 def bench(model, model_config, quantization, dummy, device, model_lib, prompts, batches,
           decode_tokens, runs, prefill_chunk, compare_transformers, json_out):
     """Prefill tok/s, TTFT, and decode tok/s at several batch sizes (medians of runs)."""
+    from mlc.benchmark.model_bench import bench_model, format_table, save_results
     from mlc.errors import MLCError
-    from mlc.runtime.bench import bench_model, format_table, save_results
     from mlc.runtime.device import parse_runtime_device
     from mlc.runtime.model import LoadedModel
 
@@ -71,7 +71,7 @@ def bench(model, model_config, quantization, dummy, device, model_lib, prompts, 
                            prefill_chunk=prefill_chunk)]
     del loaded
     if compare_transformers:
-        from mlc.runtime.bench_transformers import bench_transformers
+        from mlc.benchmark.transformers_bench import bench_transformers
         from mlc.support.chat_config import ChatConfig
 
         chat = ChatConfig.load(model)

@@ -113,7 +113,7 @@ class ChatSession:
         """Stream the answer to `text`; on Ctrl-C abort it and forget the question."""
         messages = self.history + [{"role": "user", "content": text}]
         stats = AnswerStats()
-        core_before = dict(getattr(self.engine.core, "stats", {}))
+        before = self.engine.stats()
         start = time.perf_counter()
         parts: list[str] = []
         try:
@@ -143,10 +143,9 @@ class ChatSession:
             return
         print(flush=True)
         stats.total_s = time.perf_counter() - start
-        core_after = dict(getattr(self.engine.core, "stats", {}))
-        for key in ("prefill", "decode"):
-            spent = core_after.get(f"{key}_seconds", 0.0) - core_before.get(f"{key}_seconds", 0.0)
-            setattr(stats, f"{key}_s", spent)
+        after = self.engine.stats()
+        stats.prefill_s = after.prefill_seconds - before.prefill_seconds
+        stats.decode_s = after.decode_seconds - before.decode_seconds
         self.last = stats
         self.history = messages + [{"role": "assistant", "content": "".join(parts)}]
 

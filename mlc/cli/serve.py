@@ -17,6 +17,7 @@ HELP = {
     "prefill_chunk_size": "Most prompt tokens prefilled in one step (default: from the mode).",
     "max_waiting_requests": "Answer 429 when this many requests already wait for a slot.",
     "max_body_bytes": "Answer 413 to request bodies larger than this.",
+    "served_model_name": "The model id clients see and send (default: the model dir's name).",
     "log_level": "uvicorn log level.",
     "verbose": "Log the engine configuration and memory plan.",
 }
@@ -38,6 +39,7 @@ HELP = {
 @click.option("--max-waiting-requests", type=int, default=None,
               help=HELP["max_waiting_requests"])
 @click.option("--max-body-bytes", type=int, default=None, help=HELP["max_body_bytes"])
+@click.option("--served-model-name", default=None, help=HELP["served_model_name"])
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]),
               help=HELP["log_level"])
@@ -45,7 +47,8 @@ HELP = {
 def serve(model: str, model_lib: str | None, device: str, mode: str, host: str, port: int,
           api_key: str | None, max_batch_size: int | None, max_total_seq_length: int | None,
           prefill_chunk_size: int | None, max_waiting_requests: int | None,
-          max_body_bytes: int | None, log_level: str, verbose: bool) -> None:
+          max_body_bytes: int | None, served_model_name: str | None, log_level: str,
+          verbose: bool) -> None:
     """Serve MODEL over OpenAI's HTTP API (/v1/chat/completions, /v1/completions, /v1/models).
 
     MODEL: an MLC model dir, HF://org/repo, or SmolLM2-135M-Instruct.
@@ -57,13 +60,14 @@ def serve(model: str, model_lib: str | None, device: str, mode: str, host: str, 
     engine = AsyncMLCEngine(model, device, model_lib=model_lib, mode=mode,
                             max_batch_size=max_batch_size,
                             max_total_sequence_length=max_total_seq_length,
-                            prefill_chunk_size=prefill_chunk_size, verbose=verbose)
+                            prefill_chunk_size=prefill_chunk_size, verbose=verbose,
+                            served_model_name=served_model_name)
     limits = {k: v for k, v in (("max_waiting_requests", max_waiting_requests),
                                 ("max_body_bytes", max_body_bytes)) if v is not None}
     app = create_app(engine, api_key=api_key, **limits)
-    click.echo(f"Serving {engine.model_name} on http://{host}:{port}/v1 "
+    click.echo(f"Serving {engine.model_id} on http://{host}:{port}/v1 "
                f"(device {engine.model.device_kind}, max_batch_size "
-               f"{engine.plan.max_batch_size}, context {engine.plan.context_window_size})")
+               f"{engine.limits.max_batch_size}, context {engine.limits.context_window_size})")
     try:
         run_server(app, host, port, log_level=log_level)
     finally:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from mlc.compiler.target import DeviceTarget
 from mlc.errors import CompileError
+from mlc.support.paths import cache_root
 
 KERNEL_DIR = Path(__file__).with_name("cuda_kernels")
 ARCHS = ("80", "86", "89", "90a")
@@ -67,10 +68,12 @@ def kernel_sources() -> list[Path]:
 
 def build_kernel_objects(arch: str, cache_dir: Path) -> list[Path]:
     """Compile each kernel source for `arch` (e.g. sm_90a) once; cached by source hash."""
-    return [_build_object(src, arch, cache_dir) for src in kernel_sources()]
+    return [compile_object(src, arch, cache_dir) for src in kernel_sources()]
 
 
-def _build_object(source_path: Path, arch: str, cache_dir: Path) -> Path:
+def compile_object(source_path: Path, arch: str, cache_dir: Path) -> Path:
+    """nvcc one CUDA source (which may include mlc's kernel headers, e.g. cuda_check.h) into
+    a position-independent object for `arch`; cached by source and header hash."""
     import tvm_ffi
 
     nvcc = nvcc_path()
@@ -86,6 +89,7 @@ def _build_object(source_path: Path, arch: str, cache_dir: Path) -> Path:
     num = arch.replace("sm_", "")
     tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
     cmd = [nvcc, "-c", "-O3", "-std=c++17", "-Xcompiler", "-fPIC", "-I", str(include),
+           "-I", str(KERNEL_DIR),
            "-gencode", f"arch=compute_{num},code=sm_{num}", str(source_path), "-o", str(tmp)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -110,8 +114,6 @@ def precompiled_cuda(dev: DeviceTarget):
     if not cuda_kernels_enabled(dev):
         yield {}
         return
-    from mlc.runtime.jit import cache_root
-
     objs = build_kernel_objects(dev.target["arch"], cache_root() / "kernels")
     # archives go after the objects that use them: pass it as a file, not as -l
     yield {"addons": [*map(str, objs), str(cudart_static(nvcc_path()))],

@@ -11,6 +11,7 @@ string, and cuts the output where a stop string begins.
 
 from __future__ import annotations
 
+import copy
 from typing import Sequence
 
 REPLACEMENT_CHAR = "\ufffd"
@@ -36,15 +37,27 @@ class IncrementalDetokenizer:
         self.output_ids: list[int] = []
         self.text = ""                         # everything emitted so far
 
-    def _decode(self, ids: list[int]) -> str:
+    def decode(self, ids: list[int]) -> str:
+        """Text of `ids` as this detokenizer decodes them."""
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
     def put(self, token_id: int) -> str:
         """Add one generated token; return the newly completed text ("" if held back)."""
-        self._ids.append(int(token_id))
-        self.output_ids.append(int(token_id))
-        prefix_text = self._decode(self._ids[self._prefix_offset:self._read_offset])
-        new_text = self._decode(self._ids[self._prefix_offset:])
+        prefix_ids, full_ids = self.windows([token_id])
+        return self.advance(self.decode(prefix_ids), self.decode(full_ids))
+
+    def windows(self, token_ids: Sequence[int]) -> tuple[list[int], list[int]]:
+        """Add generated tokens; return the two id windows whose decoded texts `advance`
+        needs (so a caller can decode many sequences' windows in one batch call)."""
+        for t in token_ids:
+            self._ids.append(int(t))
+            self.output_ids.append(int(t))
+        return (self._ids[self._prefix_offset:self._read_offset],
+                self._ids[self._prefix_offset:])
+
+    def advance(self, prefix_text: str, new_text: str) -> str:
+        """The text completed by the tokens of the last `windows` call, given its windows'
+        decoded texts ("" while the end is an incomplete UTF-8 character)."""
         if len(new_text) <= len(prefix_text) or new_text.endswith(REPLACEMENT_CHAR):
             return ""  # nothing new yet, or an incomplete UTF-8 character at the end
         delta = _text_after(prefix_text, new_text)
@@ -54,6 +67,12 @@ class IncrementalDetokenizer:
         self.text += delta
         return delta
 
+    def copy(self) -> IncrementalDetokenizer:
+        """An independent copy of the state (to replay tokens one by one)."""
+        other = copy.copy(self)
+        other._ids, other.output_ids = list(self._ids), list(self.output_ids)
+        return other
+
     def put_many(self, token_ids: Sequence[int]) -> str:
         """Add several tokens; return the newly completed text."""
         return "".join(self.put(t) for t in token_ids)
@@ -62,8 +81,8 @@ class IncrementalDetokenizer:
         """The held-back text, at the end of the sequence (may contain U+FFFD)."""
         if self._read_offset == len(self._ids):
             return ""
-        prefix_text = self._decode(self._ids[self._prefix_offset:self._read_offset])
-        new_text = self._decode(self._ids[self._prefix_offset:])
+        prefix_text = self.decode(self._ids[self._prefix_offset:self._read_offset])
+        new_text = self.decode(self._ids[self._prefix_offset:])
         delta = _text_after(prefix_text, new_text)
         self._prefix_offset = self._read_offset
         self._read_offset = len(self._ids)
@@ -88,6 +107,23 @@ def _text_after(prefix_text: str, new_text: str) -> str:
             break
         common += 1
     return new_text[common:]
+
+
+def detokenize_step(tokenizer, detoks: Sequence[IncrementalDetokenizer],
+                    new_tokens: Sequence[Sequence[int]]) -> list[str]:
+    """The new text of each sequence after this step's tokens, with one `decode_batch` call
+    for the whole step (the tokenizer's own batch decode) instead of two calls per token."""
+    windows: list[list[int]] = []
+    for detok, ids in zip(detoks, new_tokens):
+        windows.extend(detok.windows(ids))
+    if not windows:
+        return []
+    skip = detoks[0].skip_special_tokens
+    if hasattr(tokenizer, "decode_batch") and all(d.skip_special_tokens == skip for d in detoks):
+        texts = tokenizer.decode_batch(windows, skip_special_tokens=skip)
+    else:
+        texts = [detoks[i // 2].decode(w) for i, w in enumerate(windows)]
+    return [d.advance(texts[2 * i], texts[2 * i + 1]) for i, d in enumerate(detoks)]
 
 
 class StopStringMatcher:
@@ -120,6 +156,10 @@ class StopStringMatcher:
         hold = self._partial_match_length(buffer)
         self._held = buffer[len(buffer) - hold:] if hold else ""
         return buffer[:len(buffer) - hold], False
+
+    def copy(self) -> StopStringMatcher:
+        """An independent copy of the state."""
+        return copy.copy(self)
 
     def flush(self) -> str:
         """The withheld text, when the sequence ends without a stop string."""

@@ -1,17 +1,27 @@
 """`MLCEngine` and `AsyncMLCEngine`: MLC-LLM's API, OpenAI's request and response shapes.
 
 Both wrap one `EngineCore` (the loop thread). Everything about a request except how its
-outputs are waited for lives in `_EngineBase`: parsing and validation, the prompt, the
-response objects. The sync engine waits on a `queue.Queue`, the async one on an asyncio queue
-fed thread-safely.
+outputs are waited for lives in `_EngineBase`: the prompt, the model-bound checks, the
+response objects. A request is validated once, by its protocol type
+(`mlc.runtime.protocol`), and converted once (`to_generation_config`). The sync engine waits
+on a `queue.Queue`, the async one on an asyncio queue fed thread-safely.
+
+The public interface (used by the server, `mlc chat`, the tests and deployments): `create`
+under `chat.completions` / `completions`, `generate` (the engine's own per-step outputs),
+`abort`, `terminate`, `stats()`, `metrics()`, `is_alive()`, `model_id`, `serves_model()`,
+`limits`, `memory_plan`, and on the async engine `serve_request` (the HTTP server's entry:
+stream chunks come as JSON text, without building response objects per token).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import queue
+import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Iterator
@@ -25,11 +35,16 @@ from mlc.errors import (
 from mlc.runtime import protocol as P
 from mlc.runtime.chat_template import parse_tool_calls, render_chat
 from mlc.runtime.device import parse_runtime_device
-from mlc.runtime.engine_core import EngineCore, EngineLimits, Request, RequestOutput
+from mlc.runtime.device_sampler import DeviceSampler
+from mlc.runtime.engine_core import EngineCore
 from mlc.runtime.generation_config import GenerationConfig
 from mlc.runtime.memory_plan import plan_memory
-from mlc.runtime.model import KVCacheConfig, LoadedModel
-from mlc.runtime.model_source import resolve_model
+from mlc.runtime.metrics import EngineStats, MetricsSnapshot
+from mlc.runtime.model import SAMPLING_FUNCTIONS, KVCacheConfig, LoadedModel
+from mlc.runtime.model_source import EMBEDDED_NAME, resolve_model
+from mlc.runtime.penalties import builtin_processor_factories
+from mlc.runtime.request import EngineLimits, Request, RequestOutput
+from mlc.runtime.sampler import HostSampler
 from mlc.runtime.tracing import Tracer
 from mlc.support.tensor_cache import numpy_dtype
 
@@ -65,7 +80,8 @@ class _EngineBase:
                  prefill_chunk_size: int | None = None, max_history_size: int | None = None,
                  gpu_memory_utilization: float | None = None,
                  speculative_mode: str = "disable", spec_draft_length: int | None = None,
-                 enable_tracing: bool = False, verbose: bool = False):
+                 enable_tracing: bool = False, verbose: bool = False,
+                 served_model_name: str | None = None, sampling: str = "auto"):
         cfg = engine_config or EngineConfig()
         pick = lambda given, from_cfg: given if given is not None else from_cfg
         self.model_arg = str(model)
@@ -78,12 +94,16 @@ class _EngineBase:
             raise ModelLoadError(
                 f"speculative_mode={speculative_mode!r} is not implemented in mlc yet; use "
                 "speculative_mode='disable'.", param="speculative_mode")
+        if sampling not in SAMPLING_PATHS:
+            raise ModelLoadError(f"sampling must be one of {SAMPLING_PATHS}, got {sampling!r}.",
+                                 param="sampling")
         self.additional_models = additional_models or cfg.additional_models
         self.max_history_size = pick(max_history_size, cfg.max_history_size)
         self.spec_draft_length = pick(spec_draft_length, cfg.spec_draft_length)
         self.verbose = verbose or cfg.verbose
         kind, dev = parse_runtime_device(device)
         self.model_dir = resolve_model(model, quiet=not self.verbose, device_kind=kind)
+        self.model_id = served_model_name or _model_id(self.model_arg, self.model_dir)
         model_lib = pick(model_lib, cfg.model_lib)
         if model_lib is None:
             from mlc.runtime.jit import find_or_build_library
@@ -95,30 +115,54 @@ class _EngineBase:
         self.chat_config = self.model.chat_config
         weight_bytes = sum(p.numel() * numpy_dtype(str(p.dtype)).itemsize
                            for p in self.model.params)
-        self.plan = plan_memory(
+        self.memory_plan = plan_memory(
             self.model.metadata, weight_bytes, self.model.device, self.mode,
             pick(max_batch_size, cfg.max_batch_size),
             pick(max_total_sequence_length, cfg.max_total_sequence_length),
             pick(prefill_chunk_size, cfg.prefill_chunk_size),
             pick(gpu_memory_utilization, cfg.gpu_memory_utilization))
-        if self.verbose:
-            logger.warning("loaded %s (%s) on %s in %.1fs\n%s", self.model_dir,
-                           self.model.lib_path, self.model.device_kind,
-                           time.perf_counter() - t0, self.plan.describe())
+        plan = self.memory_plan
+        self.limits = EngineLimits(plan.max_batch_size, plan.max_total_sequence_length,
+                                   plan.prefill_chunk_size, plan.context_window_size)
         self.model.create_kv_cache(KVCacheConfig(
-            self.plan.max_batch_size, self.plan.max_total_sequence_length,
-            self.plan.prefill_chunk_size))
+            plan.max_batch_size, plan.max_total_sequence_length, plan.prefill_chunk_size))
+        self.sampling_path = _sampling_path(sampling, self.model)
+        if self.verbose:
+            logger.warning("loaded %s (%s) on %s in %.1fs, sampling on the %s\n%s",
+                           self.model_dir, self.model.lib_path, self.model.device_kind,
+                           time.perf_counter() - t0, self.sampling_path, plan.describe())
         self.tokenizer = _load_tokenizer(self.model_dir)
         self.tracer = Tracer(enabled=enable_tracing)
-        self.core = EngineCore(self.model, EngineLimits(
-            self.plan.max_batch_size, self.plan.max_total_sequence_length,
-            self.plan.prefill_chunk_size, self.plan.context_window_size), self.tracer)
-        self.model_name = self.model_arg
+        sampler = DeviceSampler(self.model) if self.sampling_path == "device" else HostSampler()
+        self._core = EngineCore(self.model, self.limits, sampler, self.tracer, self.model_id)
         self._terminated = False
+
+    # -- the public interface beyond create --------------------------------------------
+    def is_alive(self) -> bool:
+        """True until `terminate()` (or until the loop thread died)."""
+        return not self._terminated and self._core.is_alive()
+
+    def stats(self) -> EngineStats:
+        """Queues, KV-cache pages and cumulative prefill/decode work, right now."""
+        return self._core.stats()
+
+    def metrics(self) -> MetricsSnapshot:
+        """Request counters, token counters, latency histograms and gauges (`/metrics`)."""
+        return self._core.metrics()
+
+    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+        """The prompt token ids of chat `messages` (the model's template, then its tokenizer)."""
+        req = P.parse_chat_request(messages=messages)
+        return self._encode(render_chat(self.chat_config, req.messages))
+
+    def serves_model(self, name: str | None) -> bool:
+        """Whether a request's `model` field names this engine's model (None: any)."""
+        return name in (None, "", self.model_id, self.model_arg, str(self.model_dir),
+                        self.model_dir.name)
 
     # -- lifecycle -------------------------------------------------------------------------
     def _check_alive(self) -> None:
-        if self._terminated or not self.core.alive:
+        if not self.is_alive():
             raise EngineTerminatedError(
                 "This engine has been terminated; create a new MLCEngine to run requests.")
 
@@ -126,13 +170,13 @@ class _EngineBase:
         """Stop the engine loop and free the model and its KV cache."""
         if not self._terminated:
             self._terminated = True
-            self.core.shutdown()
+            self._core.shutdown()
             self.model.kv_cache = None
             self.model.params = []
 
     def abort(self, request_id: str) -> None:
         """End a request early; its streams finish with finish_reason "abort"."""
-        self.core.abort(request_id)
+        self._core.abort(request_id)
 
     def save_trace(self, path: str | Path) -> Path:
         """Write the Chrome trace of the requests so far (needs enable_tracing=True)."""
@@ -152,10 +196,9 @@ class _EngineBase:
 
     # -- requests --------------------------------------------------------------------------
     def _check_model_field(self, name: str | None) -> None:
-        if name in (None, "", self.model_arg, str(self.model_dir), self.model_dir.name):
-            return
-        raise BadRequestError(f"The model {name!r} does not exist: this engine serves "
-                              f"{self.model_arg!r}.", param="model", code="model_not_found")
+        if not self.serves_model(name):
+            raise BadRequestError(f"The model {name!r} does not exist: this engine serves "
+                                  f"{self.model_id!r}.", param="model", code="model_not_found")
 
     def _encode(self, text: str) -> list[int]:
         ids = self.tokenizer.encode(text, add_special_tokens=False).ids
@@ -164,80 +207,93 @@ class _EngineBase:
             ids = [bos] + ids
         return ids
 
-    def _finish_config(self, gen: GenerationConfig, prompt_len: int) -> GenerationConfig:
-        gen = gen.with_defaults(self.chat_config).validate(self.model.vocab_size)
-        if gen.response_format and gen.response_format.get("type", "text") != "text":
+    def _finish_config(self, gen: GenerationConfig, prompt_len: int,
+                       prompt_param: str) -> GenerationConfig:
+        """The model's defaults and the checks only the model can make (vocabulary, context
+        window, batch size); the request's own fields were validated by the protocol."""
+        gen = gen.with_defaults(self.chat_config).check_for_model(self.model.vocab_size)
+        if gen.response_format and gen.response_format.get("type", "text") != "text" \
+                and not gen.logit_processors:
             raise BadRequestError(
                 f"response_format type {gen.response_format['type']!r} needs grammar-"
                 "constrained decoding, which this mlc build does not support yet; the request "
                 "was refused rather than answered unconstrained.", param="response_format")
-        if gen.n > self.plan.max_batch_size:   # would never be admitted
+        if gen.n > self.limits.max_batch_size:   # would never be admitted
             raise BadRequestError(
                 f"Invalid 'n': {gen.n} choices exceed this engine's max_batch_size "
-                f"{self.plan.max_batch_size}; lower n or raise max_batch_size.", param="n")
-        ctx = self.plan.context_window_size
-        if prompt_len >= ctx:
+                f"{self.limits.max_batch_size}; lower n or raise max_batch_size.", param="n")
+        ctx = self.limits.context_window_size
+        completion = gen.max_tokens or 1
+        if prompt_len + completion > ctx:
+            where = "messages" if prompt_param == "messages" else "prompt"
             raise ContextWindowExceededError(
-                f"The prompt has {prompt_len} tokens but the context window is {ctx}: shorten "
-                "the messages (or raise context_window_size when compiling).")
-        if prompt_len + 1 > self.plan.max_total_sequence_length:
-            raise ContextWindowExceededError(
-                f"The prompt has {prompt_len} tokens but the KV cache holds "
-                f"{self.plan.max_total_sequence_length}: raise max_total_sequence_length.")
-        if gen.max_tokens is not None and prompt_len + gen.max_tokens > ctx:
-            raise ContextWindowExceededError(
-                f"prompt ({prompt_len} tokens) + max_tokens ({gen.max_tokens}) exceeds the "
-                f"context window of {ctx} tokens: lower max_tokens or shorten the prompt.",
-                param="max_tokens")
+                f"This model's maximum context length is {ctx} tokens. However, you requested "
+                f"{prompt_len + completion} tokens ({prompt_len} in the {where}, {completion} "
+                f"in the completion). Please reduce the length of the {where} or completion.",
+                param="max_tokens" if prompt_len < ctx and gen.max_tokens else prompt_param)
         return gen
 
-    def _prepare_chat(self, kwargs: dict[str, Any]):
-        req = P.parse_chat_request(kwargs)
+    def _prepare_chat(self, request) -> tuple[P.ChatCompletionRequest, list[int],
+                                              GenerationConfig, bool]:
+        req = P.parse_chat_request(request)
         self._check_model_field(req.model)
         use_tools = bool(req.tools) and req.tool_choice != "none"
-        prompt = render_chat(self.chat_config, req.messages,
-                             tools=req.tools if use_tools else None)
-        ids = self._encode(prompt)
-        gen = self._finish_config(req.to_generation_config(), len(ids))
+        ids = self._encode(render_chat(self.chat_config, req.messages,
+                                       tools=req.tools if use_tools else None))
+        gen = self._finish_config(req.to_generation_config(), len(ids), "messages")
         return req, ids, gen, use_tools
 
-    def _prepare_completion(self, kwargs: dict[str, Any]):
-        req = P.parse_completion_request(kwargs)
+    def _prepare_completion(self, request) -> tuple[P.CompletionRequest, list[int],
+                                                    GenerationConfig]:
+        req = P.parse_completion_request(request)
         self._check_model_field(req.model)
         prompt = req.prompt
         ids = list(prompt) if isinstance(prompt, list) else self._encode(prompt)
         if any(t >= self.model.vocab_size for t in ids):
             raise BadRequestError("prompt token ids must be < the vocabulary size "
                                   f"{self.model.vocab_size}.", param="prompt")
-        gen = self._finish_config(req.to_generation_config(), len(ids))
+        gen = self._finish_config(req.to_generation_config(), len(ids), "prompt")
         return req, ids, gen
 
     def _submit(self, request_id: str, ids: list[int], gen: GenerationConfig):
         """Hand a request to the loop; its outputs arrive on the returned stream."""
         stream = self._stream_class()
-        self.core.submit(Request(request_id, ids, gen, self.tokenizer,
-                                 self.chat_config.eos_token_id or [], stream))
+        factories = builtin_processor_factories(gen) + list(gen.logit_processors)
+        stop_ids = set(gen.stop_token_ids) | (set() if gen.ignore_eos
+                                              else set(self.chat_config.eos_token_id or []))
+        self._core.submit(Request(request_id, ids, gen, self.tokenizer, stop_ids, stream,
+                                  factories))
         return stream
 
-    def _start_chat(self, kwargs: dict[str, Any]) -> _Pending:
+    def _start_chat(self, request) -> _Pending:
         self._check_alive()
-        req, ids, gen, use_tools = self._prepare_chat(kwargs)
-        rid, created = req.request_id or P.random_id("chatcmpl-"), int(time.time())
-        state = {"started": set(), "text": {}}
+        req, ids, gen, use_tools = self._prepare_chat(request)
+        rid, created = req.request_id, int(time.time())
+        state = _StreamState()
+        render = _ChunkJSON(rid, created, self.model_id, "chat.completion.chunk")
         return _Pending(rid, self._submit(rid, ids, gen), req.stream,
                         lambda out: self._chat_chunks(req, out, rid, created, state, use_tools),
-                        lambda outs: self._chat_response(req, outs, rid, created, use_tools))
+                        lambda outs: self._chat_response(req, outs, rid, created, use_tools),
+                        lambda out: self._chat_chunks_json(req, out, state, use_tools, render))
 
-    def _start_completion(self, kwargs: dict[str, Any]) -> _Pending:
+    def _start_completion(self, request) -> _Pending:
         self._check_alive()
-        req, ids, gen = self._prepare_completion(kwargs)
-        rid, created = req.request_id or P.random_id("cmpl-"), int(time.time())
+        req, ids, gen = self._prepare_completion(request)
+        rid, created = req.request_id, int(time.time())
         prompt_text = self._prompt_text(req) if req.echo else ""
-        state = {"started": set(), "offsets": {}, "prompt": prompt_text}
+        state = _StreamState(prompt=prompt_text)
+        render = _ChunkJSON(rid, created, self.model_id, "text_completion")
         return _Pending(rid, self._submit(rid, ids, gen), req.stream,
                         lambda out: self._completion_chunks(req, out, rid, created, state),
                         lambda outs: self._completion_response(req, outs, rid, created,
-                                                               prompt_text))
+                                                               prompt_text),
+                        lambda out: self._completion_chunks_json(req, out, state, render))
+
+    def _start_generate(self, request) -> _Pending:
+        self._check_alive()
+        req, ids, gen = self._prepare_completion(request)
+        return _Pending(req.request_id, self._submit(req.request_id, ids, gen), True,
+                        lambda out: [out], lambda outs: outs, lambda out: [])
 
     # -- response shapes -------------------------------------------------------------------
     def _token_str(self, token_id: int) -> str:
@@ -276,21 +332,21 @@ class _EngineBase:
                                  completion_tokens=out.completion_tokens,
                                  total_tokens=out.prompt_tokens + out.completion_tokens)
 
-    def _chat_chunks(self, req, out: RequestOutput, rid: str, created: int, state: dict,
-                     use_tools: bool) -> list[P.ChatCompletionChunk]:
+    def _chat_chunks(self, req, out: RequestOutput, rid: str, created: int,
+                     state: _StreamState, use_tools: bool) -> list[P.ChatCompletionChunk]:
         """The stream chunks for one engine output (tool-call choices are held to the end)."""
         choices = []
         for d in out.deltas:
-            first = d.index not in state["started"]
-            state["started"].add(d.index)
+            first = d.index not in state.started
+            state.started.add(d.index)
             text = d.text
             tool_calls = None
             reason = d.finish_reason
             if use_tools:
-                state["text"][d.index] = state["text"].get(d.index, "") + text
+                state.text[d.index] = state.text.get(d.index, "") + text
                 text = ""
                 if reason:
-                    calls = parse_tool_calls(state["text"][d.index], req.tools)
+                    calls = parse_tool_calls(state.text[d.index], req.tools)
                     if calls:
                         tool_calls = [P.ChoiceDeltaToolCall(
                             index=i, id=c["id"], type="function",
@@ -298,7 +354,7 @@ class _EngineBase:
                             for i, c in enumerate(calls)]
                         reason = "tool_calls"
                     else:
-                        text = state["text"][d.index]
+                        text = state.text[d.index]
             if not (text or first or reason or tool_calls or d.logprobs):
                 continue
             choices.append(P.ChunkChoice(
@@ -310,9 +366,9 @@ class _EngineBase:
         chunks = []
         if choices:
             chunks.append(P.ChatCompletionChunk(id=rid, created=created,
-                                                model=self.model_name, choices=choices))
+                                                model=self.model_id, choices=choices))
         if out.final and req.stream_options and req.stream_options.include_usage:
-            chunks.append(P.ChatCompletionChunk(id=rid, created=created, model=self.model_name,
+            chunks.append(P.ChatCompletionChunk(id=rid, created=created, model=self.model_id,
                                                 choices=[], usage=self._usage(out)))
         return chunks
 
@@ -340,35 +396,35 @@ class _EngineBase:
                 index=i, finish_reason=reason,
                 message=P.ChatCompletionMessage(content=content, tool_calls=tool_calls),
                 logprobs=P.ChoiceLogprobs(content=logprobs[i]) if req.logprobs else None))
-        return P.ChatCompletion(id=rid, created=created, model=self.model_name, choices=choices,
+        return P.ChatCompletion(id=rid, created=created, model=self.model_id, choices=choices,
                                 usage=self._usage(outs[-1]))
 
     def _completion_chunks(self, req, out: RequestOutput, rid: str, created: int,
-                           state: dict) -> list[P.Completion]:
+                           state: _StreamState) -> list[P.Completion]:
         choices = []
         for d in out.deltas:
             text = d.text
-            if req.echo and d.index not in state["started"]:
-                text = state["prompt"] + text
-            state["started"].add(d.index)
-            offset = state["offsets"].get(d.index, 0)
-            state["offsets"][d.index] = offset + len(text)
+            if req.echo and d.index not in state.started:
+                text = state.prompt + text
+            state.started.add(d.index)
+            offset = state.offsets.get(d.index, 0)
+            state.offsets[d.index] = offset + len(text)
             if text or d.finish_reason or d.logprobs:
                 choices.append(P.CompletionChoice(
                     index=d.index, text=text, finish_reason=d.finish_reason,
                     logprobs=self._completion_logprobs(d, offset)))
         chunks = []
         if choices:
-            chunks.append(P.Completion(id=rid, created=created, model=self.model_name,
+            chunks.append(P.Completion(id=rid, created=created, model=self.model_id,
                                        choices=choices))
         if out.final and req.stream_options and req.stream_options.include_usage:
-            chunks.append(P.Completion(id=rid, created=created, model=self.model_name,
+            chunks.append(P.Completion(id=rid, created=created, model=self.model_id,
                                        choices=[], usage=self._usage(out)))
         return chunks
 
     def _completion_response(self, req, outs, rid, created, prompt_text) -> P.Completion:
         parts: dict[int, list] = {i: [] for i in range(req.n)}
-        state = {"started": set(), "offsets": {}, "prompt": prompt_text}
+        state = _StreamState(prompt=prompt_text)
         for out in outs:
             for chunk in self._completion_chunks(req, out, rid, created, state):
                 for c in chunk.choices:
@@ -389,8 +445,44 @@ class _EngineBase:
             reason = next((c.finish_reason for c in cs if c.finish_reason), "stop")
             choices.append(P.CompletionChoice(index=i, text="".join(c.text for c in cs),
                                               finish_reason=reason, logprobs=lp))
-        return P.Completion(id=rid, created=created, model=self.model_name, choices=choices,
+        return P.Completion(id=rid, created=created, model=self.model_id, choices=choices,
                             usage=self._usage(outs[-1]))
+
+    # -- stream chunks as JSON text (the server's hot path) ------------------------------
+    def _chat_chunks_json(self, req, out: RequestOutput, state: _StreamState,
+                          use_tools: bool, render: _ChunkJSON) -> list[str]:
+        """`_chat_chunks` as JSON text: plain text deltas are written directly, anything
+        richer (logprobs, tool calls, usage) goes through the response objects."""
+        if use_tools or any(d.logprobs for d in out.deltas):
+            return [c.model_dump_json() for c in self._chat_chunks(
+                req, out, render.rid, render.created, state, use_tools)]
+        choices = []
+        for d in out.deltas:
+            first = d.index not in state.started
+            state.started.add(d.index)
+            if d.text or first or d.finish_reason:
+                choices.append({"delta": {"content": d.text, "refusal": None,
+                                          "role": "assistant" if first else None,
+                                          "tool_calls": None},
+                                "finish_reason": d.finish_reason, "index": d.index,
+                                "logprobs": None})
+        chunks = [render(choices)] if choices else []
+        if out.final and req.stream_options and req.stream_options.include_usage:
+            chunks.append(render([], self._usage(out).model_dump()))
+        return chunks
+
+    def _completion_chunks_json(self, req, out: RequestOutput, state: _StreamState,
+                                render: _ChunkJSON) -> list[str]:
+        """`_completion_chunks` as JSON text (richer deltas go through the objects)."""
+        if req.echo or any(d.logprobs for d in out.deltas):
+            return [c.model_dump_json() for c in self._completion_chunks(
+                req, out, render.rid, render.created, state)]
+        choices = [{"finish_reason": d.finish_reason, "index": d.index, "logprobs": None,
+                    "text": d.text} for d in out.deltas if d.text or d.finish_reason]
+        chunks = [render(choices)] if choices else []
+        if out.final and req.stream_options and req.stream_options.include_usage:
+            chunks.append(render([], self._usage(out).model_dump()))
+        return chunks
 
     def _prompt_text(self, req) -> str:
         return req.prompt if isinstance(req.prompt, str) else self.tokenizer.decode(req.prompt)
@@ -405,6 +497,35 @@ def _load_tokenizer(model_dir: Path):
     return Tokenizer.from_file(str(path))
 
 
+def _model_id(model_arg: str, model_dir: Path) -> str:
+    """The id the engine serves under: the model dir's name (never an absolute path), the
+    repo of an HF:// link, or the embedded model's name."""
+    if model_arg.startswith("HF://"):
+        return model_arg[len("HF://"):]
+    if model_arg == EMBEDDED_NAME:
+        return EMBEDDED_NAME
+    return model_dir.name
+
+
+SAMPLING_PATHS = ("auto", "device", "host")
+
+
+def _sampling_path(choice: str, model: LoadedModel) -> str:
+    """Where tokens are sampled. "auto": on the device for GPU libraries (only the chosen ids
+    cross to the host); on the CPU the host path, which measured faster there (numpy draws
+    without sorting the vocabulary; the library's top-p/top-k kernel sorts every row: see
+    bench/NOTES.md, "Sampling on the CPU")."""
+    has_all = all(f in model.sampling for f in SAMPLING_FUNCTIONS)
+    if choice == "device" and not has_all:
+        raise ModelLoadError(f"{model.lib_path} lacks device sampling functions "
+                             f"{[f for f in SAMPLING_FUNCTIONS if f not in model.sampling]}; "
+                             "use sampling='host' or rebuild it with `mlc compile`.",
+                             param="sampling")
+    if choice == "auto":
+        return "device" if has_all and model.device_kind != "cpu" else "host"
+    return choice
+
+
 def _raise_if_error(out: RequestOutput) -> RequestOutput:
     if out.error is not None:
         raise out.error
@@ -412,14 +533,39 @@ def _raise_if_error(out: RequestOutput) -> RequestOutput:
 
 
 @dataclass
+class _StreamState:
+    """Per-request state of turning outputs into stream chunks."""
+
+    started: set[int] = field(default_factory=set)      # choices that sent a chunk
+    text: dict[int, str] = field(default_factory=dict)  # held text of tool-call choices
+    offsets: dict[int, int] = field(default_factory=dict)
+    prompt: str = ""                                    # echo of completions
+
+
+class _ChunkJSON:
+    """A stream chunk as compact JSON, fields in the response type's order (what
+    `model_dump_json()` of `ChatCompletionChunk` / `Completion` writes)."""
+
+    def __init__(self, rid: str, created: int, model: str, obj: str):
+        self.rid, self.created, self.model, self.obj = rid, created, model, obj
+
+    def __call__(self, choices: list[dict], usage: dict | None = None) -> str:
+        return json.dumps({"id": self.rid, "choices": choices, "created": self.created,
+                           "model": self.model, "object": self.obj,
+                           "system_fingerprint": None, "usage": usage},
+                          ensure_ascii=False, separators=(",", ":"))
+
+
+@dataclass
 class _Pending:
-    """A submitted request and how its outputs become OpenAI objects."""
+    """A submitted request and how its outputs become OpenAI objects (or JSON text)."""
 
     request_id: str
     stream: Any                                          # _SyncStream or _AsyncStream
     streaming: bool
     chunks: Callable[[RequestOutput], list]              # one engine output -> stream chunks
     response: Callable[[list[RequestOutput]], Any]       # all outputs -> the response
+    chunks_json: Callable[[RequestOutput], list[str]]    # stream chunks as JSON text
 
 
 class _Namespace:
@@ -453,9 +599,11 @@ class _SyncCreate:
     def __init__(self, engine: _EngineBase, start: Callable[[dict], _Pending]):
         self._engine, self._start = engine, start
 
-    def create(self, **kwargs: Any):
-        """OpenAI's `create`: the response object, or with stream=True an iterator of chunks."""
-        pending = self._start(kwargs)
+    def create(self, request: P.ChatCompletionRequest | P.CompletionRequest | None = None,
+               /, **kwargs: Any):
+        """OpenAI's `create(**kwargs)`: the response object, or with stream=True an iterator
+        of chunks. A request already parsed by `mlc.runtime.protocol` may be passed instead."""
+        pending = self._start(request if request is not None else kwargs)
         if pending.streaming:
             return self._iterate(pending)
         return pending.response(list(pending.stream))
@@ -484,20 +632,62 @@ class MLCEngine(_EngineBase):
         super().__init__(model, device, **kwargs)
         self.chat = _Namespace(completions=_SyncCreate(self, self._start_chat))
         self.completions = _SyncCreate(self, self._start_completion)
+        self._generate = _SyncCreate(self, self._start_generate)
+
+    def generate(self, prompt: str | list[int], **kwargs: Any) -> Iterator[RequestOutput]:
+        """The engine's own outputs for a completion request (token ids and text per step,
+        per choice), without OpenAI's response shapes; kwargs are `completions.create`'s."""
+        return self._generate.create(prompt=prompt, **kwargs, stream=True)
 
 
 # ---------------------------------------------------------------------------------------------
 # The asynchronous engine
 # ---------------------------------------------------------------------------------------------
+class _LoopDispatch:
+    """Hands outputs from the engine thread to one asyncio loop: the outputs of one step (for
+    every request on that loop) arrive with one wakeup of the loop, not one per request."""
+
+    _by_loop: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.lock = threading.Lock()
+        self.pending: list[tuple[asyncio.Queue, RequestOutput]] = []
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop) -> _LoopDispatch:
+        dispatch = cls._by_loop.get(loop)
+        if dispatch is None:
+            dispatch = cls._by_loop[loop] = cls(loop)
+        return dispatch
+
+    def put(self, q: asyncio.Queue, out: RequestOutput) -> None:
+        with self.lock:
+            wake = not self.pending
+            self.pending.append((q, out))
+        if wake:
+            try:
+                self.loop.call_soon_threadsafe(self._drain)
+            except RuntimeError:        # the loop was closed: nobody is waiting any more
+                with self.lock:
+                    self.pending.clear()
+
+    def _drain(self) -> None:
+        with self.lock:
+            items, self.pending = self.pending, []
+        for q, out in items:
+            q.put_nowait(out)
+
+
 class _AsyncStream:
     """Receives a request's outputs from the loop thread into an asyncio queue."""
 
     def __init__(self):
-        self.loop = asyncio.get_running_loop()
+        self.dispatch = _LoopDispatch.of(asyncio.get_running_loop())
         self.queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
 
     def __call__(self, out: RequestOutput) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, out)
+        self.dispatch.put(self.queue, out)
 
     async def __aiter__(self) -> AsyncIterator[RequestOutput]:
         while True:
@@ -513,25 +703,38 @@ class _AsyncCreate:
     def __init__(self, engine: _EngineBase, start: Callable[[dict], _Pending]):
         self._engine, self._start = engine, start
 
-    async def create(self, **kwargs: Any):
-        """OpenAI's `create`: the response object, or with stream=True an async iterator."""
-        pending = self._start(kwargs)
+    async def create(self, request: P.ChatCompletionRequest | P.CompletionRequest | None = None,
+                     /, **kwargs: Any):
+        """OpenAI's `create(**kwargs)`: the response object, or with stream=True an async
+        iterator of chunks. A request already parsed by the protocol may be passed instead."""
+        pending = self._start(request if request is not None else kwargs)
         if pending.streaming:
             return self._iterate(pending)
+        return await self._collect(pending)
+
+    async def _iterate(self, pending: _Pending, render: str = "objects"):
+        chunks = pending.chunks_json if render == "json" else pending.chunks
+        try:
+            async for out in pending.stream:
+                for chunk in chunks(out):
+                    yield chunk
+        finally:
+            self._engine.abort(pending.request_id)
+
+    async def serve(self, request: P.ChatCompletionRequest | P.CompletionRequest):
+        """The response object, or for a stream an async iterator of chunks as JSON text."""
+        pending = self._start(request)
+        if pending.streaming:
+            return self._iterate(pending, render="json")
+        return await self._collect(pending)
+
+    async def _collect(self, pending: _Pending):
         try:
             outs = [out async for out in pending.stream]
         except asyncio.CancelledError:
             self._engine.abort(pending.request_id)
             raise
         return pending.response(outs)
-
-    async def _iterate(self, pending: _Pending):
-        try:
-            async for out in pending.stream:
-                for chunk in pending.chunks(out):
-                    yield chunk
-        finally:
-            self._engine.abort(pending.request_id)
 
 
 class AsyncMLCEngine(_EngineBase):
@@ -544,6 +747,20 @@ class AsyncMLCEngine(_EngineBase):
         super().__init__(model, device, **kwargs)
         self.chat = _Namespace(completions=_AsyncCreate(self, self._start_chat))
         self.completions = _AsyncCreate(self, self._start_completion)
+        self._generate = _AsyncCreate(self, self._start_generate)
+
+    async def generate(self, prompt: str | list[int], **kwargs: Any
+                       ) -> AsyncIterator[RequestOutput]:
+        """The engine's own outputs for a completion request (token ids and text per step,
+        per choice), without OpenAI's response shapes; kwargs are `completions.create`'s."""
+        return await self._generate.create(prompt=prompt, **kwargs, stream=True)
+
+    async def serve_request(self, request: P.ChatCompletionRequest | P.CompletionRequest):
+        """The HTTP server's entry: a parsed request -> its response object, or for a stream
+        an async iterator of chunks as JSON text (no response objects per token)."""
+        api = self.chat.completions if isinstance(request, P.ChatCompletionRequest) \
+            else self.completions
+        return await api.serve(request)
 
 
 __all__ = ["MLCEngine", "AsyncMLCEngine", "EngineConfig"]

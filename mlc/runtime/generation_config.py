@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from mlc.errors import BadRequestError
+
+if TYPE_CHECKING:
+    from mlc.runtime.logit_processor import LogitProcessor
 
 MAX_N = 128
 MAX_TOP_LOGPROBS = 20
@@ -67,64 +70,28 @@ class GenerationConfig:
     response_format: dict[str, Any] | None = None
     """OpenAI response_format: {"type": "text" | "json_object" | "json_schema", ...}, or mlc's
     "regex" / "grammar" (see `mlc.runtime.grammar.grammar_from_response_format`)."""
+    logit_processors: list[Callable[[list[int]], LogitProcessor]] = field(default_factory=list)
+    """Extra per-sequence logit processors (a grammar's mask, ...): factories called with the
+    prompt's token ids when the request is submitted (a bad request raises there); n > 1
+    choices fork the first choice's processors. logit_bias and the penalties add their own."""
 
     @property
     def is_greedy(self) -> bool:
         """Whether sampling reduces to argmax (temperature 0 or top_k 1)."""
         return self.temperature == 0 or self.top_k == 1
 
-    def validate(self, vocab_size: int | None = None) -> GenerationConfig:
-        """Check every field; raise `BadRequestError` naming the first bad one. Returns self."""
-        def bad(param: str, message: str) -> BadRequestError:
-            return BadRequestError(f"Invalid '{param}': {message}", param=param)
-
-        if not isinstance(self.n, int) or not 1 <= self.n <= MAX_N:
-            raise bad("n", f"must be an integer in [1, {MAX_N}], got {self.n!r}.")
-        if self.temperature is not None and not 0 <= self.temperature <= 2:
-            raise bad("temperature", f"must be in [0, 2], got {self.temperature}.")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise bad("top_p", f"must be in (0, 1], got {self.top_p}.")
-        if self.top_k is not None and self.top_k < 0:
-            raise bad("top_k", f"must be >= 0 (0 disables it), got {self.top_k}.")
-        for name in ("presence_penalty", "frequency_penalty"):
-            value = getattr(self, name)
-            if value is not None and not -2 <= value <= 2:
-                raise bad(name, f"must be in [-2, 2], got {value}.")
-        if self.repetition_penalty is not None and self.repetition_penalty <= 0:
-            raise bad("repetition_penalty", f"must be > 0, got {self.repetition_penalty}.")
-        for token_id, bias in self.logit_bias.items():
-            if not isinstance(token_id, int) or token_id < 0:
-                raise bad("logit_bias", f"keys must be token ids (integers >= 0), got {token_id!r}.")
-            if vocab_size is not None and token_id >= vocab_size:
-                raise bad("logit_bias", f"token id {token_id} is outside the vocabulary "
-                                        f"(size {vocab_size}).")
-            if not -100 <= bias <= 100:
-                raise bad("logit_bias", f"values must be in [-100, 100], got {bias} "
-                                        f"for token {token_id}.")
-        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
-            raise bad("top_logprobs", f"must be in [0, {MAX_TOP_LOGPROBS}], "
-                                      f"got {self.top_logprobs}.")
-        if self.top_logprobs > 0 and not self.logprobs:
-            raise bad("top_logprobs", "requires 'logprobs' to be true.")
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise bad("max_tokens", f"must be >= 1, got {self.max_tokens}.")
-        if len(self.stop_strs) > MAX_STOP_STRS:
-            raise bad("stop", f"at most {MAX_STOP_STRS} stop strings are allowed, "
-                              f"got {len(self.stop_strs)}.")
-        if any(not isinstance(s, str) or s == "" for s in self.stop_strs):
-            raise bad("stop", "stop strings must be non-empty strings.")
+    def check_for_model(self, vocab_size: int) -> GenerationConfig:
+        """Check what only the model can tell (token ids inside its vocabulary); every other
+        field was validated once, by the request's protocol type. Returns self."""
+        for token_id in self.logit_bias:
+            if token_id >= vocab_size:
+                raise BadRequestError(f"Invalid 'logit_bias': token id {token_id} is outside "
+                                      f"the vocabulary (size {vocab_size}).", param="logit_bias")
         for token_id in self.stop_token_ids:
-            if not isinstance(token_id, int) or token_id < 0 or (
-                    vocab_size is not None and token_id >= vocab_size):
-                raise bad("stop_token_ids", f"{token_id!r} is not a token id of this model.")
-        if self.response_format is not None:
-            kind = self.response_format.get("type", "text")
-            if kind not in RESPONSE_FORMAT_TYPES:
-                raise bad("response_format", f"type must be one of {RESPONSE_FORMAT_TYPES}, "
-                                             f"got {kind!r}.")
-            if kind == "json_schema" and not _schema_of(self.response_format):
-                raise bad("response_format", "type 'json_schema' needs a 'json_schema' "
-                                             "object with a 'schema'.")
+            if token_id >= vocab_size:
+                raise BadRequestError(f"Invalid 'stop_token_ids': {token_id} is not a token id "
+                                      f"of this model (vocabulary size {vocab_size}).",
+                                      param="stop_token_ids")
         return self
 
     def with_defaults(self, chat_config_defaults: Any = None) -> GenerationConfig:
@@ -145,8 +112,3 @@ class GenerationConfig:
             updates[name] = neutral if value is None else type(neutral)(value)
         return dataclasses.replace(self, **updates)
 
-
-def _schema_of(response_format: dict[str, Any]) -> Any:
-    """The JSON schema inside an OpenAI response_format (or MLC-LLM's top-level 'schema')."""
-    json_schema = response_format.get("json_schema") or {}
-    return json_schema.get("schema") or response_format.get("schema")

@@ -18,13 +18,10 @@ from pathlib import Path
 from mlc.errors import ModelLoadError
 from mlc.support.chat_config import ChatConfig
 from mlc.support.cuda_arch import arch_for_compute_capability
+from mlc.support.paths import cache_root
 from mlc.support.versions import LIBRARY_VERSION
 
 POLICIES = ("ON", "OFF", "REDO", "READONLY")
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("MLC_CACHE_DIR", Path.home() / ".cache" / "mlc"))
 
 
 def jit_policy() -> str:

@@ -109,7 +109,7 @@ def plan_memory(metadata: dict, weight_bytes: int, device, mode: str,
     chunk = min(chunk, lib_chunk)
     if total > kv_capacity and max_total_sequence_length is None:
         total = kv_capacity          # shrink to what fits instead of refusing to start
-    if total < min(ctx, 16 * 4):
+    if total < min(ctx, 4 * metadata["kv_cache"]["page_size"]):   # a few pages at least
         raise ModelLoadError(
             f"Only {kv_capacity} KV-cache tokens fit in {device_bytes / GiB:.1f} GiB x {util} "
             f"after {weight_bytes / GiB:.2f} GiB of weights: raise gpu_memory_utilization, "

@@ -1,7 +1,9 @@
 """A loaded model: library + weights + paged KV cache, with batched forward calls.
 
 This is the only place that calls into the compiled library. It imports nothing from the
-compiler, so it runs on TVM's runtime-only build.
+compiler, so it runs on TVM's runtime-only build. `LoadedModel` is the engine's `ModelRunner`
+(`mlc.runtime.model_runner`): forward calls return the logits on the device, and the
+library's sampling functions run there too.
 """
 
 from __future__ import annotations
@@ -24,12 +26,15 @@ REQUIRED_FUNCTIONS = ("embed", "prefill", "decode", "batch_prefill", "batch_deco
                       "batch_verify", "create_paged_kv_cache", "_metadata")
 
 
+SAMPLING_FUNCTIONS = ("softmax_with_temperature", "sample_with_top_p_top_k", "argmax",
+                      "apply_logit_bias")
+
+
 @dataclass
 class KVCacheConfig:
     max_batch_size: int
     max_total_sequence_length: int
     prefill_chunk_size: int
-    page_size: int = 16
 
 
 def read_library_metadata(lib_path: str | Path, device: str = "cpu") -> dict:
@@ -101,15 +106,24 @@ def random_range(spec: dict) -> tuple[float, float]:
     return -0.035, 0.035
 
 
+_RANDOM_BLOCK = 1 << 22   # elements drawn per tensor; larger tensors repeat them
+
+
 def random_param(spec: dict, seed: int = 0) -> np.ndarray:
-    """A random tensor for a parameter spec, made on the host (see `random_range`)."""
+    """A random tensor for a parameter spec (see `random_range`), for benchmarks of sizes
+    whose weights cannot be fetched: at most 4M random elements per tensor, repeated to fill
+    it, so an 8B model's weights take seconds, not minutes (the speed of a kernel does not
+    depend on whether its weights repeat)."""
     rng = np.random.default_rng(seed)
     shape, dtype = tuple(spec["shape"]), spec["dtype"]
+    count = int(np.prod(shape))
+    n = min(count, _RANDOM_BLOCK)
     if dtype.startswith("uint"):
-        count = int(np.prod(shape)) * np.dtype(dtype).itemsize
-        return np.frombuffer(rng.bytes(count), dtype=dtype).reshape(shape)
-    lo, hi = random_range(spec)
-    return rng.uniform(lo, hi, size=shape).astype(dtype)
+        block = np.frombuffer(rng.bytes(n * np.dtype(dtype).itemsize), dtype=dtype)
+    else:
+        lo, hi = random_range(spec)
+        block = rng.uniform(lo, hi, size=n).astype(dtype)
+    return np.resize(block, count).reshape(shape)
 
 
 class LoadedModel:
@@ -150,20 +164,17 @@ class LoadedModel:
         self._end = g("vm.builtin.kv_state_end_forward")
         self._free_pages = g("vm.builtin.attention_kv_cache_get_num_available_pages")
         self._total_len = g("vm.builtin.attention_kv_cache_get_total_sequence_length")
+        self.page_size = int(self.metadata["kv_cache"]["page_size"])
+        self.sampling = {f: self.vm[f] for f in SAMPLING_FUNCTIONS if self._has(f)}
         self.kv_cache = None
         self.kv_config: KVCacheConfig | None = None
+        self.total_pages = 0
 
     def _random_param(self, spec: dict, seed: int):
-        """A random parameter, generated on the GPU where the library carries mlc's kernels."""
+        """A random parameter made on the host and copied to the device (`random_param`)."""
         import tvm
 
-        fill = tvm.get_global_func("mlc.cuda.fill_random", allow_missing=True)
-        if self.device_kind != "cuda" or fill is None:
-            return tvm.runtime.tensor(random_param(spec, seed), self.device)
-        tensor = tvm.runtime.empty(tuple(spec["shape"]), spec["dtype"], self.device)
-        lo, hi = random_range(spec)
-        fill(tensor, seed, lo, hi)
-        return tensor
+        return tvm.runtime.tensor(random_param(spec, seed), self.device)
 
     def _has(self, name: str) -> bool:
         try:
@@ -181,12 +192,13 @@ class LoadedModel:
         self.kv_config = cfg
         self.kv_cache = self._fn["create_paged_kv_cache"](
             ShapeTuple([cfg.max_batch_size]), ShapeTuple([cfg.max_total_sequence_length]),
-            ShapeTuple([cfg.prefill_chunk_size]), ShapeTuple([cfg.page_size]),
+            ShapeTuple([cfg.prefill_chunk_size]), ShapeTuple([self.page_size]),
             # support_sliding_window stays 0 even for sliding-window models: their layers
             # carry the window ("mha_sliding"), and TVM turns this flag into inline RoPE
             # (keys rotated at every attention call, theta fixed at 10000), which mlc's
             # models and CPU kernels do not use.
             ShapeTuple([0]))
+        self.total_pages = self.free_pages()
 
     def add_sequence(self, seq_id: int) -> None:
         self._add_seq(self.kv_cache, seq_id)
@@ -222,8 +234,15 @@ class LoadedModel:
         logits = out[0] if not hasattr(out, "numpy") else out
         return logits
 
-    def prefill(self, seq_ids: list[int], token_lists: list[list[int]]) -> np.ndarray:
-        """Append prompt chunks to sequences; logits after each chunk's last token [b, v]."""
+    def _as_rows(self, logits, rows: int):
+        """Logits [..., v] on the device as a [rows, v] view."""
+        from tvm.runtime import ShapeTuple
+
+        return self._reshape(logits, ShapeTuple((rows, self.vocab_size)))
+
+    def prefill_logits(self, seq_ids: list[int], token_lists: list[list[int]]):
+        """Append prompt chunks to sequences; logits after each chunk's last token [b, v],
+        on the device."""
         import tvm
 
         lengths = [len(t) for t in token_lists]
@@ -235,19 +254,56 @@ class LoadedModel:
             positions = np.cumsum(lengths, dtype="int32") - 1
             pos = tvm.runtime.tensor(positions, self.device)
             logits = self._forward("batch_prefill", seq_ids, lengths, embeds, pos)
-        return logits.numpy().reshape(len(seq_ids), self.vocab_size)
+        return self._as_rows(logits, len(seq_ids))
 
-    def decode(self, seq_ids: list[int], tokens: list[int]) -> np.ndarray:
-        """One new token for each sequence; logits [b, v]."""
+    def decode_logits(self, seq_ids: list[int], tokens: list[int]):
+        """One new token for each sequence; logits [b, v] on the device."""
         b = len(seq_ids)
         embeds = self._embed(np.asarray(tokens, dtype="int32"), (b, 1, self.hidden_size))
         fn = "decode" if b == 1 else "batch_decode"
-        return self._forward(fn, seq_ids, [1] * b, embeds).numpy().reshape(b, self.vocab_size)
+        return self._as_rows(self._forward(fn, seq_ids, [1] * b, embeds), b)
 
-    def verify(self, seq_ids: list[int], token_lists: list[list[int]]) -> np.ndarray:
-        """Append draft tokens (chains) and return logits at every new position [n, v]."""
+    def verify_logits(self, seq_ids: list[int], token_lists: list[list[int]]):
+        """Append draft tokens (chains); logits at every new position [n, v] on the device."""
         lengths = [len(t) for t in token_lists]
         flat = np.concatenate([np.asarray(t, dtype="int32") for t in token_lists])
         embeds = self._embed(flat, (1, len(flat), self.hidden_size))
-        logits = self._forward("batch_verify", seq_ids, lengths, embeds)
-        return logits.numpy().reshape(len(flat), self.vocab_size)
+        return self._as_rows(self._forward("batch_verify", seq_ids, lengths, embeds), len(flat))
+
+    def prefill(self, seq_ids: list[int], token_lists: list[list[int]]) -> np.ndarray:
+        """`prefill_logits`, copied to the host [b, v]."""
+        return self.prefill_logits(seq_ids, token_lists).numpy()
+
+    def decode(self, seq_ids: list[int], tokens: list[int]) -> np.ndarray:
+        """`decode_logits`, copied to the host [b, v]."""
+        return self.decode_logits(seq_ids, tokens).numpy()
+
+    def verify(self, seq_ids: list[int], token_lists: list[list[int]]) -> np.ndarray:
+        """`verify_logits`, copied to the host [n, v]."""
+        return self.verify_logits(seq_ids, token_lists).numpy()
+
+    # -- device tensors for sampling ------------------------------------------------------
+    def upload(self, array: np.ndarray):
+        """A host array as a tensor on the model's device."""
+        import tvm
+
+        return tvm.runtime.tensor(np.ascontiguousarray(array), self.device)
+
+    def empty(self, shape: tuple[int, ...], dtype: str = "float32"):
+        import tvm
+
+        return tvm.runtime.empty(shape, dtype, self.device)
+
+    def reshape(self, tensor, shape: tuple[int, ...]):
+        """A view of `tensor` with another shape (same element count)."""
+        from tvm.runtime import ShapeTuple
+
+        return self._reshape(tensor, ShapeTuple(shape))
+
+    @staticmethod
+    def row(tensor, i: int):
+        """Row i of a contiguous [rows, n] device tensor, as a [1, n] view sharing memory."""
+        n = int(tensor.shape[1])
+        itemsize = np.dtype(str(tensor.dtype)).itemsize
+        # TVM 0.27 offers views only through this (underscored) method of its Tensor.
+        return tensor._create_view((1, n), str(tensor.dtype), relative_byte_offset=i * n * itemsize)

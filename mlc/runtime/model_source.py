@@ -8,8 +8,8 @@ import os
 from pathlib import Path
 
 from mlc.errors import ModelLoadError
-from mlc.runtime.jit import cache_root
 from mlc.support.chat_config import CHAT_CONFIG_NAME
+from mlc.support.paths import cache_root
 
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 EMBEDDED_HF = "HF://HuggingFaceTB/SmolLM2-135M-Instruct"

@@ -106,7 +106,7 @@ class RequestModel(BaseModel):
 class TopLevelRequest(RequestModel):
     """A whole request: constructing or validating one raises `BadRequestError`."""
 
-    def __init__(self, **data: Any):
+    def __init__(self, /, **data: Any):   # (a body may hold a key "self")
         try:
             super().__init__(**data)
         except ValidationError as e:
@@ -293,6 +293,8 @@ class _SamplingRequest(TopLevelRequest):
             return value
         if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
             raise _FieldError("must be a string or a list of strings.")
+        if any(s == "" for s in value):
+            raise _FieldError("stop strings must be non-empty.")
         if len(value) > MAX_STOP_STRS:
             raise _FieldError(f"at most {MAX_STOP_STRS} stop strings are allowed, "
                               f"got {len(value)}.")
@@ -320,15 +322,31 @@ class _SamplingRequest(TopLevelRequest):
             out[token_id] = float(bias)
         return out
 
+    @field_validator("stop", mode="after", check_fields=False)
+    @classmethod
+    def _non_empty_stop(cls, value: Any) -> Any:
+        if value == "":
+            raise _FieldError("stop strings must be non-empty.")
+        return value
+
+    @field_validator("stop_token_ids", mode="after", check_fields=False)
+    @classmethod
+    def _check_stop_token_ids(cls, value: Any) -> Any:
+        if value is not None and any(t < 0 for t in value):
+            raise _FieldError("token ids must be >= 0.")
+        return value
+
     @field_validator("top_k", mode="before", check_fields=False)
     @classmethod
     def _top_k_minus_one(cls, value: Any) -> Any:
         return 0 if value == -1 else value  # -1 is a common spelling of "disabled"
 
-    def _check_common(self) -> None:
+    def _check_common(self, id_prefix: str) -> None:
         if self.stream_options is not None and not self.stream:
             raise BadRequestError("Invalid 'stream_options': only allowed when 'stream' "
                                   "is true.", param="stream_options")
+        if self.request_id is None:     # the one place a request gets its id
+            self.request_id = random_id(id_prefix)
 
     def _generation_config(self, max_tokens: int | None, logprobs: bool,
                            top_logprobs: int) -> GenerationConfig:
@@ -389,7 +407,7 @@ class ChatCompletionRequest(_SamplingRequest):
 
     @model_validator(mode="after")
     def _check_request(self) -> ChatCompletionRequest:
-        self._check_common()
+        self._check_common("chatcmpl-")
         if self.top_logprobs and not self.logprobs:
             raise BadRequestError("Invalid 'top_logprobs': requires 'logprobs' to be true.",
                                   param="top_logprobs")
@@ -402,7 +420,6 @@ class ChatCompletionRequest(_SamplingRequest):
         elif self.tool_choice == "required" and not names:
             raise BadRequestError("Invalid 'tool_choice': 'required' needs 'tools'.",
                                   param="tool_choice")
-        self.to_generation_config().validate()
         return self
 
     def to_generation_config(self) -> GenerationConfig:
@@ -467,13 +484,12 @@ class CompletionRequest(_SamplingRequest):
 
     @model_validator(mode="after")
     def _check_request(self) -> CompletionRequest:
-        self._check_common()
+        self._check_common("cmpl-")
         if self.best_of is not None and self.best_of not in (1, self.n):
             raise BadRequestError("Invalid 'best_of': only best_of == n is supported.",
                                   param="best_of")
         if self.suffix:
             raise BadRequestError("Invalid 'suffix': suffix is not supported.", param="suffix")
-        self.to_generation_config().validate()
         return self
 
     def to_generation_config(self) -> GenerationConfig:

@@ -1,13 +1,11 @@
-"""Host-side sampling of one decoding step for a batch (numpy, float32 logits).
+"""Sampling one step of a batch on the host (numpy, float32 logits).
 
-Order of processing for each row, as in HF/vLLM:
-  1. repetition penalty (CTRL/HF) over prompt + output tokens,
-  2. presence / frequency penalties (OpenAI) over output tokens,
-  3. logit_bias,
-  -> logprobs are the log-softmax of these processed logits (before temperature/top-k/top-p),
-  4. greedy argmax when temperature == 0 or top_k == 1, else
-     temperature, top-k, softmax, top-p (nucleus, at least one token kept), multinomial draw
-     from the row's own `numpy.random.Generator`.
+`Sampler.sample` is the numpy core: per row, greedy argmax when temperature == 0 or top_k == 1,
+else temperature, top-k, softmax, top-p (nucleus, at least one token kept) and a draw from the
+row's own `numpy.random.Generator`; logprobs are the log-softmax of the row as given (after the
+logit processors, before temperature/top-k/top-p). `HostSampler` is the engine's host path:
+it copies the step's logits to the host, runs each sequence's logit processors and masks, then
+`Sampler.sample`. (`mlc.runtime.device_sampler` is the device path.)
 """
 
 from __future__ import annotations
@@ -18,33 +16,6 @@ from typing import Sequence
 import numpy as np
 
 from mlc.runtime.generation_config import GenerationConfig
-
-
-class TokenHistory:
-    """The tokens one sequence has seen, kept incrementally for the penalties."""
-
-    def __init__(self, prompt_ids: Sequence[int] = ()):
-        self.prompt_ids = list(prompt_ids)
-        self.output_ids: list[int] = []
-        self._seen: set[int] = set(self.prompt_ids)
-        self._counts: dict[int, int] = {}
-
-    def append(self, token_id: int) -> None:
-        """Record a generated token."""
-        token_id = int(token_id)
-        self.output_ids.append(token_id)
-        self._seen.add(token_id)
-        self._counts[token_id] = self._counts.get(token_id, 0) + 1
-
-    def seen_ids(self) -> np.ndarray:
-        """Distinct token ids of prompt and output (for the repetition penalty)."""
-        return np.fromiter(self._seen, dtype=np.int64, count=len(self._seen))
-
-    def output_counts(self) -> tuple[np.ndarray, np.ndarray]:
-        """(distinct output token ids, how often each was generated)."""
-        ids = np.fromiter(self._counts.keys(), dtype=np.int64, count=len(self._counts))
-        counts = np.fromiter(self._counts.values(), dtype=np.float32, count=len(self._counts))
-        return ids, counts
 
 
 def make_generator(seed: int | None, index: int = 0) -> np.random.Generator:
@@ -66,34 +37,6 @@ class SampledToken:
     """Log probability of `token_id` under the processed distribution (None if not asked)."""
     top_logprobs: list[tuple[int, float]] = field(default_factory=list)
     """The `top_logprobs` most likely (token id, logprob), most likely first."""
-
-
-def apply_penalties_and_bias(logits: np.ndarray, configs: Sequence[GenerationConfig],
-                             histories: Sequence[TokenHistory | None]) -> np.ndarray:
-    """Repetition / presence / frequency penalties and logit_bias, in place. Returns logits.
-
-    logits: [batch, vocab] float32.
-    """
-    vocab = logits.shape[1]
-    for row, (cfg, hist) in enumerate(zip(configs, histories)):
-        if hist is not None:
-            rep = cfg.repetition_penalty
-            if rep is not None and rep != 1.0:
-                ids = hist.seen_ids()
-                ids = ids[ids < vocab]
-                vals = logits[row, ids]
-                logits[row, ids] = np.where(vals > 0, vals / rep, vals * rep)
-            pres, freq = cfg.presence_penalty or 0.0, cfg.frequency_penalty or 0.0
-            if (pres != 0.0 or freq != 0.0) and hist.output_ids:
-                ids, counts = hist.output_counts()
-                keep = ids < vocab
-                logits[row, ids[keep]] -= np.float32(freq) * counts[keep] + np.float32(pres)
-        if cfg.logit_bias:
-            ids = np.fromiter(cfg.logit_bias.keys(), dtype=np.int64)
-            bias = np.fromiter(cfg.logit_bias.values(), dtype=np.float32)
-            keep = ids < vocab
-            logits[row, ids[keep]] += bias[keep]
-    return logits
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -162,26 +105,24 @@ class Sampler:
         self._rng = np.random.default_rng(seed)  # for rows that bring no generator
 
     def sample(self, logits: np.ndarray, configs: Sequence[GenerationConfig],
-               histories: Sequence[TokenHistory | None] | None = None,
                generators: Sequence[np.random.Generator | None] | None = None,
-               ) -> list[SampledToken]:
+               copy: bool = True) -> list[SampledToken]:
         """Sample the next token of every row.
 
-        logits: [batch, vocab] float32 (not modified). `configs` should have defaults filled
-        (`GenerationConfig.with_defaults`); None fields are treated as neutral. `histories`
-        give the tokens for the penalties; `generators` the per-request random streams
-        (see `make_generator`). Returns one `SampledToken` per row.
+        logits: [batch, vocab] float32 (modified only when copy=False). `configs` should have
+        defaults filled (`GenerationConfig.with_defaults`); None fields are treated as neutral.
+        `generators` are the per-choice random streams (see `make_generator`). Returns one
+        `SampledToken` per row.
         """
         batch = logits.shape[0]
         if len(configs) != batch:
             raise ValueError(f"{len(configs)} configs for {batch} rows of logits")
-        histories = histories if histories is not None else [None] * batch
         generators = generators if generators is not None else [None] * batch
-        x = np.array(logits, dtype=np.float32, copy=True)  # [batch, vocab]
-        apply_penalties_and_bias(x, configs, histories)
+        x = np.array(logits, dtype=np.float32, copy=True) if copy else logits  # [batch, vocab]
 
-        token_ids = np.argmax(x, axis=-1)  # [batch]; greedy rows keep this
         sample_rows = [r for r, c in enumerate(configs) if not c.is_greedy]
+        lp_rows = [r for r, c in enumerate(configs) if c.logprobs]
+        token_ids = np.argmax(x, axis=-1)  # [batch]; greedy rows keep this
         if sample_rows:
             rows = np.asarray(sample_rows)
             temps = np.asarray([configs[r].temperature or 1.0 for r in sample_rows],
@@ -206,14 +147,41 @@ class Sampler:
                 token_ids[[sample_rows[i] for i in plain]] = picks
 
         results = [SampledToken(int(t)) for t in token_ids]
-        lp_rows = [r for r, c in enumerate(configs) if c.logprobs]
         if lp_rows:
-            lse = _logsumexp(x[lp_rows])  # [n_lp]: logprob = logit - lse
-            for i, r in enumerate(lp_rows):
-                results[r].logprob = float(x[r, token_ids[r]] - lse[i])
-                results[r].top_logprobs = [
-                    (t, float(v - lse[i])) for t, v in _top_entries(x[r], configs[r].top_logprobs)]
+            for r in lp_rows:
+                results[r].logprob, results[r].top_logprobs = token_logprobs(
+                    x[r], int(token_ids[r]), configs[r].top_logprobs)
         return results
+
+
+def token_logprobs(row: np.ndarray, token_id: int, top: int,
+                   ) -> tuple[float, list[tuple[int, float]]]:
+    """(logprob of `token_id`, the `top` most likely (id, logprob)) under log-softmax(row)."""
+    lse = float(_logsumexp(row[None])[0])
+    return (float(row[token_id]) - lse,
+            [(t, float(v - lse)) for t, v in _top_entries(row, top)])
+
+
+class HostSampler:
+    """The engine's host path: logits to the host, processors and masks, numpy sampling."""
+
+    def __init__(self, seed: int | None = None):
+        self.sampler = Sampler(seed)
+
+    def sample(self, logits, rows: list[int], seqs: list, masks: list[np.ndarray | None],
+               ) -> list[SampledToken]:
+        """One token per sequence; `seqs[i]` samples from logits row `rows[i]` under
+        `masks[i]` (bool[vocab] of allowed tokens, or None)."""
+        host = logits if isinstance(logits, np.ndarray) else logits.numpy()
+        x = host[rows]                                           # [m, vocab], a copy
+        for i, seq in enumerate(seqs):
+            for p in seq.processors:
+                if p.edits_logits:
+                    p.apply(x[i])
+            if masks[i] is not None:
+                x[i, ~masks[i]] = -np.inf
+        return self.sampler.sample(x, [s.config for s in seqs], [s.rng for s in seqs],
+                                   copy=False)
 
 
 def _logsumexp(x: np.ndarray) -> np.ndarray:

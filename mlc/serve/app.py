@@ -3,10 +3,13 @@
     app = create_app(engine, api_key="sk-...")      # any ASGI server runs it (uvicorn)
 
 Routes: `POST /v1/chat/completions`, `POST /v1/completions` (JSON, or SSE with
-``stream: true``), `GET /v1/models`, `GET /v1/models/{id}`, `GET /health`, and the schema
-at `/openapi.json`. Request bodies are read as raw JSON and validated by the engine (the
-protocol's parse functions), so every problem is an OpenAI-shaped error,
-``{"error": {"message", "type", "param", "code"}}``, never FastAPI's 422:
+``stream: true``), `GET /v1/models`, `GET /v1/models/{id}`, `GET /health`, `GET /metrics`
+(Prometheus), and the schema at `/openapi.json`. The app uses only the engine's public
+interface (`serve_request`, `abort`, `is_alive`, `metrics`, `model_id`, `serves_model`,
+`limits`). Request bodies are read as raw JSON and validated once, by the protocol's parse
+functions (which also drop unknown fields and give the request its id), so every problem is
+an OpenAI-shaped error, ``{"error": {"message", "type", "param", "code"}}``, never FastAPI's
+422:
 
     400 invalid request (including max_tokens beyond the context window)
     401 missing or wrong `Authorization: Bearer KEY` (when the app has an api_key)
@@ -17,6 +20,8 @@ protocol's parse functions), so every problem is an OpenAI-shaped error,
 
 A client that disconnects aborts its request, which frees its KV pages. An engine error in
 the middle of a stream arrives as a last ``data: {"error": ...}`` event before ``[DONE]``.
+Responses carry an `x-request-id` header: the request's id (a client's own `x-request-id`
+header becomes the id when the body names none).
 """
 
 from __future__ import annotations
@@ -31,12 +36,13 @@ from typing import Any, AsyncIterator, Callable
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mlc.errors import BadRequestError, MLCError, ServerOverloadedError
 from mlc.runtime import protocol as P
+from mlc.serve.metrics import metrics_registry, render
 
 logger = logging.getLogger(__name__)
 
@@ -122,15 +128,11 @@ class _ServerState:
         self.limits = limits
         self.open_requests = 0
         self.started = int(time.time())
-
-    @property
-    def batch_slots(self) -> int:
-        """How many requests one engine batch runs; open requests beyond it wait."""
-        return getattr(getattr(self.engine, "plan", None), "max_batch_size", 1)
+        self.registry = metrics_registry(engine)
 
     def open_request(self) -> None:
         """Count a new request in, or refuse it (429) when too many already wait."""
-        waiting = self.open_requests - self.batch_slots
+        waiting = self.open_requests - self.engine.limits.max_batch_size
         if waiting >= self.limits.max_waiting_requests:
             raise ServerOverloadedError(
                 f"The server is busy: {waiting} requests are already waiting for a batch slot "
@@ -139,19 +141,6 @@ class _ServerState:
 
     def close_request(self) -> None:
         self.open_requests -= 1
-
-    def model_names(self) -> list[str]:
-        """The names a request's `model` may use; the first is the one listed."""
-        engine = self.engine
-        names = [getattr(engine, "model_name", None)]
-        model_dir = getattr(engine, "model_dir", None)
-        if model_dir is not None:
-            names += [str(model_dir), model_dir.name]
-        return list(dict.fromkeys(n for n in names if n))
-
-    def alive(self) -> bool:
-        core = getattr(self.engine, "core", None)
-        return not getattr(self.engine, "_terminated", False) and getattr(core, "alive", True)
 
 
 def create_app(engine: Any, api_key: str | None = None, *,
@@ -217,15 +206,21 @@ def create_app(engine: Any, api_key: str | None = None, *,
     async def retrieve_model(request: Request) -> dict:
         """One model, if this server serves it."""
         model_id = request.path_params["model_id"]
-        if model_id not in state.model_names():
+        if not model_id or not state.engine.serves_model(model_id):
             raise NotFoundError(f"The model {model_id!r} does not exist.", param="model",
                                 code="model_not_found")
         return _model_card(state)
 
+    @app.get("/metrics", tags=["Server"], response_class=Response)
+    async def metrics() -> Response:
+        """Prometheus metrics: requests, tokens, latency histograms, queue and KV-cache gauges."""
+        body, content_type = render(state.registry)
+        return Response(body, media_type=content_type)
+
     @app.get("/health", tags=["Server"])
     async def health() -> JSONResponse:
         """200 while the engine runs, 503 once it has stopped."""
-        ok = state.alive()
+        ok = state.engine.is_alive()
         return JSONResponse({"status": "ok" if ok else "engine stopped",
                              "open_requests": state.open_requests},
                             status_code=200 if ok else 503)
@@ -235,8 +230,8 @@ def create_app(engine: Any, api_key: str | None = None, *,
 
 
 def _model_card(state: _ServerState) -> dict:
-    return {"id": state.model_names()[0] if state.model_names() else "mlc",
-            "object": "model", "created": state.started, "owned_by": "mlc"}
+    return {"id": state.engine.model_id, "object": "model", "created": state.started,
+            "owned_by": "mlc"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,14 +240,15 @@ def _model_card(state: _ServerState) -> dict:
 
 async def _serve_request(state: _ServerState, request: Request, chat: bool):
     data = await _read_json(request, state.limits.max_body_bytes)
+    if data.get("request_id") is None and request.headers.get("x-request-id"):
+        data["request_id"] = request.headers["x-request-id"]
+    parsed = P.parse_chat_request(data) if chat else P.parse_completion_request(data)
+    rid = parsed.request_id
+    headers = {"x-request-id": rid}
     state.open_request()
     try:
-        if data.get("request_id") is None:
-            data["request_id"] = P.random_id("chatcmpl-" if chat else "cmpl-")
-        rid = data["request_id"]
-        api = state.engine.chat.completions if chat else state.engine.completions
-        kwargs = _known_fields(data, P.ChatCompletionRequest if chat else P.CompletionRequest)
-        result = await _unless_disconnected(request, api.create(**kwargs), state.engine, rid)
+        result = await _unless_disconnected(request, state.engine.serve_request(parsed),
+                                            state.engine, rid)
     except ClientDisconnected:
         state.close_request()
         return JSONResponse({}, status_code=499)   # nobody reads it
@@ -265,23 +261,14 @@ async def _serve_request(state: _ServerState, request: Request, chat: bool):
         return error_response(_internal_error(e))
     if isinstance(result, BaseModel):
         state.close_request()
-        return JSONResponse(result.model_dump(mode="json"))
+        return Response(result.model_dump_json(), media_type="application/json",
+                        headers=headers)
 
     def on_close() -> None:
         state.close_request()
         state.engine.abort(rid)
 
-    return _SSEResponse(_sse_events(result), on_close)
-
-
-def _known_fields(data: dict[str, Any], model: type[BaseModel]) -> dict[str, Any]:
-    """The fields `model` knows (others are logged and dropped, as the protocol does; a key
-    such as "self" must not reach `create(**kwargs)`)."""
-    known = {alias for name, f in model.model_fields.items() for alias in (name, f.alias)}
-    unknown = sorted(k for k in data if k not in known)
-    if unknown:
-        logger.warning("%s: ignoring unknown field(s) %s", model.__name__, unknown)
-    return {k: v for k, v in data.items() if k in known}
+    return _SSEResponse(_sse_events(result), on_close, headers)
 
 
 async def _read_json(request: Request, limit: int) -> dict[str, Any]:
@@ -331,11 +318,12 @@ async def _wait_disconnect(request: Request) -> None:
         pass
 
 
-async def _sse_events(chunks: AsyncIterator[BaseModel]) -> AsyncIterator[str]:
-    """`data: {chunk}` events, an error event if the engine fails midway, then [DONE]."""
+async def _sse_events(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+    """`data: {chunk}` events (chunks arrive as JSON text), an error event if the engine
+    fails midway, then [DONE]."""
     try:
         async for chunk in chunks:
-            yield _sse(chunk.model_dump_json())
+            yield f"data: {chunk}\n\n"
     except MLCError as e:
         yield _sse(json.dumps(e.to_openai()))
     except Exception as e:  # noqa: BLE001 - reported to the client, logged with traceback
@@ -352,9 +340,11 @@ class _SSEResponse(StreamingResponse):
     """A server-sent-events response that runs `on_close` however the stream ends
     (finished, failed, or the client went away)."""
 
-    def __init__(self, events: AsyncIterator[str], on_close: Callable[[], None]):
+    def __init__(self, events: AsyncIterator[str], on_close: Callable[[], None],
+                 headers: dict[str, str]):
         super().__init__(events, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
+                                  **headers})
         self._on_close = on_close
 
     async def __call__(self, scope, receive, send) -> None:

@@ -29,6 +29,7 @@ class ServerThread:
         self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._socket.bind((host, port))
+        self.app = app
         self.host, self.port = self._socket.getsockname()[:2]
         config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=2)
         self._server = uvicorn.Server(config)

@@ -3,7 +3,6 @@
 //
 //   mlc.cuda.q4_matmul(x[M,K] f16, q_weight[N,K/8] u32, q_scale[N,K/32] f16, out[M,N] f16|f32)
 //   mlc.cuda.f16_matmul(x[M,K] f16, weight[N,K] f16, out[M,N] f16|f32)
-//   mlc.cuda.fill_random(tensor, seed, lo, hi)       (dummy weights made on the device)
 //   mlc.cuda.q4_set_paths(mma_min_m, mma_max_m)      (M range of the fused tensor-core kernel)
 //   mlc.cuda.q4_set_mma_config(split_k, blocks_per_sm)   (0, 0: automatic; for benchmarks)
 //
@@ -954,51 +953,6 @@ void F16Matmul(TensorView x, TensorView w, TensorView out) {
           out.data_ptr(), out.dtype().bits == 32, M, N, K, device, stream);
 }
 
-// ---------------------------------------------------------------------------------------------
-// Random weights generated on the device (`mlc bench --dummy`): a counter-based hash, so the
-// same seed gives the same tensor. uint32 tensors get random bits; float tensors a uniform
-// value in [lo, hi).
-// ---------------------------------------------------------------------------------------------
-__device__ inline uint32_t mix32(uint64_t x) {
-  x ^= x >> 33; x *= 0xff51afd7ed558ccdULL; x ^= x >> 33; x *= 0xc4ceb9fe1a85ec53ULL;
-  x ^= x >> 33;
-  return static_cast<uint32_t>(x);
-}
-
-template <typename T>
-__global__ void fill_random_kernel(T* out, int64_t n, uint64_t seed, float lo, float hi) {
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const uint32_t r = mix32(seed * 0x9e3779b97f4a7c15ULL + i);
-    if constexpr (std::is_same_v<T, uint32_t>) {
-      out[i] = r;
-    } else {
-      out[i] = T(lo + (hi - lo) * (r * (1.0f / 4294967296.0f)));
-    }
-  }
-}
-
-void FillRandom(TensorView t, int64_t seed, double lo, double hi) {
-  const int64_t n = t.numel();
-  auto stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, t.device().device_id));
-  const int blocks = static_cast<int>(std::min<int64_t>((n + 255) / 256, 65535));
-  const DLDataType dt = t.dtype();
-  if (n == 0) return;
-  if (dt.code == kDLUInt && dt.bits == 32) {
-    fill_random_kernel<<<blocks, 256, 0, stream>>>(static_cast<uint32_t*>(t.data_ptr()), n, seed,
-                                                   0.f, 0.f);
-  } else if (dt.code == kDLFloat && dt.bits == 16) {
-    fill_random_kernel<<<blocks, 256, 0, stream>>>(static_cast<half*>(t.data_ptr()), n, seed,
-                                                   float(lo), float(hi));
-  } else if (dt.code == kDLFloat && dt.bits == 32) {
-    fill_random_kernel<<<blocks, 256, 0, stream>>>(static_cast<float*>(t.data_ptr()), n, seed,
-                                                   float(lo), float(hi));
-  } else {
-    TVM_FFI_THROW(ValueError) << "fill_random: unsupported dtype";
-  }
-  MLC_CUDA_CHECK(cudaGetLastError());
-}
-
 }  // namespace
 }  // namespace mlc
 
@@ -1008,7 +962,6 @@ TVM_FFI_STATIC_INIT_BLOCK() {
   using tvm::ffi::Function;
   Function::SetGlobal("mlc.cuda.q4_matmul", Function::FromTyped(mlc::Q4Matmul), true);
   Function::SetGlobal("mlc.cuda.f16_matmul", Function::FromTyped(mlc::F16Matmul), true);
-  Function::SetGlobal("mlc.cuda.fill_random", Function::FromTyped(mlc::FillRandom), true);
   Function::SetGlobal("mlc.cuda.q4_set_paths", Function::FromTyped(mlc::Q4SetPaths), true);
   Function::SetGlobal("mlc.cuda.q4_set_mma_config", Function::FromTyped(mlc::Q4SetMmaConfig),
                       true);

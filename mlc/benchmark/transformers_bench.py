@@ -6,7 +6,7 @@ from __future__ import annotations
 import statistics
 import time
 
-from mlc.runtime.bench import BenchResult
+from mlc.benchmark.model_bench import BenchResult
 
 
 def bench_transformers(hf_config: dict, name: str, prompt_lengths=(128, 512, 2048),

@@ -1,0 +1,80 @@
+"""Step actions: a `ScheduledBatch` becomes calls on the `ModelRunner`.
+
+Each action runs the model for its batch and returns a `StepResult`: the logits (on the
+device) and which row each sampling sequence draws from. Prefill and decode exist today;
+draft and verify (speculation) and a grammar-aware decode are further actions of the same
+shape.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from mlc.runtime.model_runner import ModelRunner
+from mlc.runtime.request import Sequence, StepCounters
+from mlc.runtime.scheduler import ScheduledBatch, Scheduler, StepKind
+from mlc.runtime.tracing import Tracer
+
+
+@dataclass
+class StepResult:
+    """The model's output for a step: `seqs[i]` samples from row `rows[i]` of `logits`."""
+
+    logits: Any                 # [rows, vocab] on the device (None when nothing ran)
+    rows: list[int]
+    seqs: list[Sequence]
+
+
+class PrefillAction:
+    """Append prompt chunks; a sequence whose prompt is complete samples its first token
+    (and a request with n > 1 forks its other choices off the prompt's pages first)."""
+
+    def __init__(self, runner: ModelRunner, scheduler: Scheduler, counters: StepCounters,
+                 tracer: Tracer):
+        self.runner, self.scheduler = runner, scheduler
+        self.counters, self.tracer = counters, tracer
+
+    def run(self, batch: ScheduledBatch) -> StepResult:
+        logits = self.runner.prefill_logits([s.seq_id for s in batch.seqs], batch.chunks)
+        self.counters.prefill_tokens += sum(len(c) for c in batch.chunks)
+        rows, seqs = [], []
+        for row, (seq, chunk) in enumerate(zip(batch.seqs, batch.chunks)):
+            seq.num_cached += len(chunk)
+            self.tracer.event(seq.request.request_id, "prefill_chunk", tokens=len(chunk))
+            if seq.pending:
+                continue                                    # more of the prompt to come
+            if seq.index == 0 and seq.request.config.n > 1 and not seq.request.forked:
+                for child in self.scheduler.fork_choices(seq):
+                    rows.append(row)
+                    seqs.append(child)
+            rows.append(row)
+            seqs.append(seq)
+        return StepResult(logits, rows, seqs)
+
+
+class DecodeAction:
+    """One token for every sequence of the batch."""
+
+    def __init__(self, runner: ModelRunner, counters: StepCounters, tracer: Tracer):
+        self.runner, self.counters, self.tracer = runner, counters, tracer
+
+    def run(self, batch: ScheduledBatch) -> StepResult:
+        if not batch.seqs:                                  # only choices that ended
+            return StepResult(None, [], [])
+        logits = self.runner.decode_logits([s.seq_id for s in batch.seqs],
+                                           [c[0] for c in batch.chunks])
+        self.counters.decode_tokens += len(batch.seqs)
+        self.counters.decode_steps += 1
+        self.tracer.batch("decode", len(batch.seqs),
+                          {s.request.request_id for s in batch.seqs})
+        for seq in batch.seqs:
+            seq.num_cached += 1
+        return StepResult(logits, list(range(len(batch.seqs))), list(batch.seqs))
+
+
+def make_actions(runner: ModelRunner, scheduler: Scheduler, counters: StepCounters,
+                 tracer: Tracer) -> dict[StepKind, Any]:
+    """The action of each step kind."""
+    return {StepKind.PREFILL: PrefillAction(runner, scheduler, counters, tracer),
+            StepKind.DECODE: DecodeAction(runner, counters, tracer)}
