@@ -484,7 +484,7 @@ class _EngineBase:
         """`_chat_chunks` as JSON text: plain text deltas are written directly, anything
         richer (logprobs, tool calls, usage) goes through the response objects."""
         if use_tools or any(d.logprobs for d in out.deltas):
-            return [c.model_dump_json() for c in self._chat_chunks(
+            return [_chat_chunk_json(c) for c in self._chat_chunks(
                 req, out, render.rid, render.created, state, use_tools)]
         choices = []
         for d in out.deltas:
@@ -516,6 +516,20 @@ class _EngineBase:
 
     def _prompt_text(self, req) -> str:
         return req.prompt if isinstance(req.prompt, str) else self.tokenizer.decode(req.prompt)
+
+
+def _chat_chunk_json(chunk: P.ChatCompletionChunk) -> str:
+    """A chunk as JSON; tool-call deltas leave out their unset keys, as OpenAI's do (a
+    continuation `{"index", "function": {"arguments"}}` with `"type": null` would overwrite
+    the type that clients such as openai's stream helper accumulated)."""
+    if not any(c.delta.tool_calls for c in chunk.choices):
+        return chunk.model_dump_json()
+    data = chunk.model_dump(mode="json")
+    for choice, obj in zip(data["choices"], chunk.choices):
+        if obj.delta.tool_calls:
+            choice["delta"]["tool_calls"] = [t.model_dump(mode="json", exclude_none=True)
+                                             for t in obj.delta.tool_calls]
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
 
 
 def _load_tokenizer(model_dir: Path):
