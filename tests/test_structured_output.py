@@ -15,9 +15,14 @@ import httpx
 import jsonschema
 import openai
 import pytest
+import test_serve
 from pydantic import BaseModel, ConfigDict, Field
+from test_serve import API_KEY
 
-from test_serve import API_KEY, client, engine, greedy, http, model_name, server  # noqa: F401
+# test_serve's server over the embedded SmolLM2 (module-scoped: started once for this module)
+engine, server, client, http = test_serve.engine, test_serve.server, test_serve.client, \
+    test_serve.http
+model_name, greedy = test_serve.model_name, test_serve.greedy
 
 pytestmark = pytest.mark.slow
 MAX_TOKENS = 60
