@@ -163,6 +163,28 @@ def test_invalid_schemas_are_400s_with_param(client, http, model_name):
     assert r.json()["error"]["param"] == "tools[0].function.parameters"
 
 
+def test_vllm_and_sglang_fields(http, model_name):
+    """The structured-output fields of vLLM and SGLang requests are enforced too."""
+    def post(path, **body):
+        r = http.post(path, json={"model": model_name, "max_tokens": 20, **body})
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]
+
+    choice = post("/v1/completions", prompt="Is water wet? Answer:",
+                  guided_choice=["yes", "no"])
+    assert choice["text"] in ("yes", "no") and choice["finish_reason"] == "stop"
+    choice = post("/v1/chat/completions", messages=ask("A year?"),
+                  structured_outputs={"regex": "(19|20)[0-9]{2}"})
+    assert len(choice["message"]["content"]) == 4 and choice["finish_reason"] == "stop"
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "maximum": 9}},
+              "required": ["n"], "additionalProperties": False}
+    choice = post("/v1/chat/completions", messages=ask("JSON"), json_schema=json.dumps(schema))
+    jsonschema.validate(json.loads(choice["message"]["content"]), schema)
+    r = http.post("/v1/completions", json={"model": model_name, "prompt": "x",
+                                           "guided_regex": "a", "regex": "b"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "regex"
+
+
 def test_mixed_batch_and_completions(client, server, model_name, greedy):
     """Constrained and free requests decode in the same batch: the free ones are exactly what
     they are alone, the constrained ones validate (chat and completions, streamed or not)."""
