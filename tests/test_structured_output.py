@@ -145,6 +145,51 @@ def test_openai_accumulated_stream_and_tool_none(client, model_name):
         model=model_name, messages=ask("Hi"), max_tokens=1).usage.prompt_tokens
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_tool_call_stream_with_several_tokens_per_delta(engine, seed):
+    """The engine's stream adapter (what `mlc serve` sends) given deltas of several tokens
+    each, as speculative decoding produces them: the streamed calls, put together, are the
+    non-streamed ones (same content, names and arguments), in OpenAI's delta shape."""
+    import random
+
+    from mlc.runtime import protocol as P
+    from mlc.runtime.engine import _ChunkJSON, _StreamState
+    from mlc.runtime.request import ChoiceDelta, RequestOutput
+
+    text = ('Sure.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", '
+            '"unit": "C"}}\n</tool_call>\n<tool_call>\n{"name": "get_time", "arguments": '
+            '{"tz": "CET"}}\n</tool_call>')
+    ids = engine.tokenizer.encode(text, add_special_tokens=False).ids
+    rng = random.Random(seed)
+    cuts = sorted(rng.sample(range(1, len(ids)), 6))
+    pieces = [ids[a:b] for a, b in zip([0, *cuts], [*cuts, len(ids)])]
+    req = P.parse_chat_request(messages=ask("x"), tools=[WEATHER, TIME], stream=True)
+    state, render = _StreamState(), _ChunkJSON("id", 0, "m", "chat.completion.chunk")
+    deltas = []
+    for i, piece in enumerate(pieces):
+        last = i == len(pieces) - 1
+        out = RequestOutput("id", [ChoiceDelta(0, engine.tokenizer.decode(piece), piece,
+                                               finish_reason="stop" if last else None)],
+                            final=last)
+        for chunk in engine._chat_chunks_json(req, out, state, True, render):
+            deltas += [c["delta"] | {"finish_reason": c["finish_reason"]}
+                       for c in json.loads(chunk)["choices"]]
+    content = "".join(d.get("content") or "" for d in deltas)
+    calls: dict[int, dict] = {}
+    for d in deltas:
+        for tc in d.get("tool_calls") or []:
+            if "id" in tc:
+                # (the header may already carry the first fragment of a multi-token delta)
+                assert tc["index"] not in calls and tc["type"] == "function"
+                calls[tc["index"]] = dict(tc["function"])
+            else:
+                assert set(tc) == {"index", "function"} and set(tc["function"]) == {"arguments"}
+                calls[tc["index"]]["arguments"] += tc["function"]["arguments"]
+    assert deltas[-1]["finish_reason"] == "tool_calls" and content == "Sure."
+    assert [(c["name"], json.loads(c["arguments"])) for c in calls.values()] == [
+        ("get_weather", {"city": "Paris", "unit": "C"}), ("get_time", {"tz": "CET"})]
+
+
 def test_invalid_schemas_are_400s_with_param(client, http, model_name):
     bad = {"type": "json_schema", "json_schema": {
         "name": "x", "schema": {"type": "array", "uniqueItems": True}}}

@@ -39,7 +39,11 @@ from mlc.runtime.device import parse_runtime_device
 from mlc.runtime.device_sampler import DeviceSampler
 from mlc.runtime.engine_core import EngineCore
 from mlc.runtime.generation_config import GenerationConfig
-from mlc.runtime.grammar import CompiledGrammar, grammar_compiler, grammar_from_response_format
+from mlc.runtime.grammar import (
+    CompiledGrammar,
+    grammar_compiler,
+    grammar_from_response_format,
+)
 from mlc.runtime.memory_plan import plan_memory
 from mlc.runtime.metrics import EngineStats, MetricsSnapshot
 from mlc.runtime.model import SAMPLING_FUNCTIONS, KVCacheConfig, LoadedModel
@@ -47,7 +51,11 @@ from mlc.runtime.model_source import EMBEDDED_NAME, resolve_model
 from mlc.runtime.penalties import builtin_processor_factories
 from mlc.runtime.request import EngineLimits, Request, RequestOutput
 from mlc.runtime.sampler import HostSampler
-from mlc.runtime.tool_calls import ToolCallStreamParser, compile_tool_choice, parse_tool_calls
+from mlc.runtime.tool_calls import (
+    ToolCallStreamParser,
+    compile_tool_choice,
+    parse_tool_calls,
+)
 from mlc.runtime.tracing import Tracer
 from mlc.support.tensor_cache import numpy_dtype
 
