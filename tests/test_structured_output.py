@@ -190,6 +190,20 @@ def test_tool_call_stream_with_several_tokens_per_delta(engine, seed):
         ("get_weather", {"city": "Paris", "unit": "C"}), ("get_time", {"tz": "CET"})]
 
 
+def test_n_choices_and_ignore_eos_stay_valid(client, model_name):
+    """n > 1 forks the grammar state per choice; with ignore_eos the grammar still ends the
+    output (EOS is the only token left once the value is complete)."""
+    out = client.chat.completions.create(
+        model=model_name, messages=ask("Invent a person."), n=3, temperature=1.0, seed=3,
+        max_tokens=MAX_TOKENS, response_format={"type": "json_schema", "json_schema": {
+            "name": "p", "schema": Person.model_json_schema()}},
+        extra_body={"ignore_eos": True})
+    assert len(out.choices) == 3
+    for choice in out.choices:
+        assert choice.finish_reason == "stop", choice
+        Person.model_validate_json(choice.message.content)
+
+
 def test_invalid_schemas_are_400s_with_param(client, http, model_name):
     bad = {"type": "json_schema", "json_schema": {
         "name": "x", "schema": {"type": "array", "uniqueItems": True}}}
