@@ -136,6 +136,11 @@ def test_openai_accumulated_stream_and_tool_none(client, model_name):
         final = s.get_final_completion()
     call = final.choices[0].message.tool_calls[0]
     assert isinstance(call.function.parsed_arguments, Weather)
+    with stream_api(model=model_name, messages=ask("Invent a person."), response_format=Person,
+                    max_tokens=MAX_TOKENS, temperature=0) as s:
+        final = s.get_final_completion()
+    assert isinstance(final.choices[0].message.parsed, Person)
+    assert final.choices[0].finish_reason == "stop"
 
     none = client.chat.completions.create(
         model=model_name, messages=ask("Hi"), tools=[WEATHER], tool_choice="none",
