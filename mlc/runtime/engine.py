@@ -50,6 +50,7 @@ from mlc.support.tensor_cache import numpy_dtype
 
 logger = logging.getLogger(__name__)
 SPECULATIVE_MODES = ("disable", "small_draft", "eagle")
+PREFIX_CACHE_MODES = ("radix", "disable")
 
 
 @dataclass
@@ -67,6 +68,7 @@ class EngineConfig:
     gpu_memory_utilization: float | None = None
     speculative_mode: str = "disable"
     spec_draft_length: int = 0
+    prefix_cache_mode: str = "radix"
     verbose: bool = False
 
 
@@ -80,7 +82,7 @@ class _EngineBase:
                  prefill_chunk_size: int | None = None, max_history_size: int | None = None,
                  gpu_memory_utilization: float | None = None,
                  speculative_mode: str = "disable", spec_draft_length: int | None = None,
-                 enable_tracing: bool = False, verbose: bool = False,
+                 prefix_cache_mode: str | None = None, enable_tracing: bool = False, verbose: bool = False,
                  served_model_name: str | None = None, sampling: str = "auto"):
         cfg = engine_config or EngineConfig()
         pick = lambda given, from_cfg: given if given is not None else from_cfg
@@ -94,6 +96,11 @@ class _EngineBase:
             raise ModelLoadError(
                 f"speculative_mode={speculative_mode!r} is not implemented in mlc yet; use "
                 "speculative_mode='disable'.", param="speculative_mode")
+        prefix_cache_mode = pick(prefix_cache_mode, cfg.prefix_cache_mode)
+        if prefix_cache_mode not in PREFIX_CACHE_MODES:
+            raise ModelLoadError(f"prefix_cache_mode must be one of {PREFIX_CACHE_MODES}, got "
+                                 f"{prefix_cache_mode!r}.", param="prefix_cache_mode")
+        self.prefix_cache_mode = prefix_cache_mode
         if sampling not in SAMPLING_PATHS:
             raise ModelLoadError(f"sampling must be one of {SAMPLING_PATHS}, got {sampling!r}.",
                                  param="sampling")
@@ -134,7 +141,8 @@ class _EngineBase:
         self.tokenizer = _load_tokenizer(self.model_dir)
         self.tracer = Tracer(enabled=enable_tracing)
         sampler = DeviceSampler(self.model) if self.sampling_path == "device" else HostSampler()
-        self._core = EngineCore(self.model, self.limits, sampler, self.tracer, self.model_id)
+        self._core = EngineCore(self.model, self.limits, sampler, self.tracer, self.model_id,
+                                prefix_cache=prefix_cache_mode == "radix")
         self._terminated = False
 
     # -- the public interface beyond create --------------------------------------------
@@ -328,9 +336,10 @@ class _EngineBase:
 
     @staticmethod
     def _usage(out: RequestOutput) -> P.CompletionUsage:
-        return P.CompletionUsage(prompt_tokens=out.prompt_tokens,
-                                 completion_tokens=out.completion_tokens,
-                                 total_tokens=out.prompt_tokens + out.completion_tokens)
+        return P.CompletionUsage(
+            prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens,
+            total_tokens=out.prompt_tokens + out.completion_tokens,
+            prompt_tokens_details=P.PromptTokensDetails(cached_tokens=out.cached_tokens))
 
     def _chat_chunks(self, req, out: RequestOutput, rid: str, created: int,
                      state: _StreamState, use_tools: bool) -> list[P.ChatCompletionChunk]:
