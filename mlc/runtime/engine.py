@@ -49,7 +49,8 @@ from mlc.runtime.tracing import Tracer
 from mlc.support.tensor_cache import numpy_dtype
 
 logger = logging.getLogger(__name__)
-SPECULATIVE_MODES = ("disable", "small_draft", "eagle")
+SPECULATIVE_MODES = ("disable", "ngram", "small_draft", "eagle")
+DEFAULT_SPEC_DRAFT_LENGTH = 4
 PREFIX_CACHE_MODES = ("radix", "disable")
 
 
@@ -92,10 +93,12 @@ class _EngineBase:
         if speculative_mode not in SPECULATIVE_MODES:
             raise ModelLoadError(f"speculative_mode must be one of {SPECULATIVE_MODES}, got "
                                  f"{speculative_mode!r}.", param="speculative_mode")
-        if speculative_mode != "disable":
+        if speculative_mode in ("small_draft", "eagle"):
             raise ModelLoadError(
                 f"speculative_mode={speculative_mode!r} is not implemented in mlc yet; use "
-                "speculative_mode='disable'.", param="speculative_mode")
+                "speculative_mode='ngram' (prompt lookup, no draft model) or 'disable'.",
+                param="speculative_mode")
+        self.speculative_mode = speculative_mode
         prefix_cache_mode = pick(prefix_cache_mode, cfg.prefix_cache_mode)
         if prefix_cache_mode not in PREFIX_CACHE_MODES:
             raise ModelLoadError(f"prefix_cache_mode must be one of {PREFIX_CACHE_MODES}, got "
@@ -106,7 +109,11 @@ class _EngineBase:
                                  param="sampling")
         self.additional_models = additional_models or cfg.additional_models
         self.max_history_size = pick(max_history_size, cfg.max_history_size)
-        self.spec_draft_length = pick(spec_draft_length, cfg.spec_draft_length)
+        self.spec_draft_length = pick(spec_draft_length, cfg.spec_draft_length) \
+            or DEFAULT_SPEC_DRAFT_LENGTH
+        if self.spec_draft_length < 0:
+            raise ModelLoadError(f"spec_draft_length must be positive, got "
+                                 f"{self.spec_draft_length}.", param="spec_draft_length")
         self.verbose = verbose or cfg.verbose
         kind, dev = parse_runtime_device(device)
         self.model_dir = resolve_model(model, quiet=not self.verbose, device_kind=kind)
@@ -142,8 +149,17 @@ class _EngineBase:
         self.tracer = Tracer(enabled=enable_tracing)
         sampler = DeviceSampler(self.model) if self.sampling_path == "device" else HostSampler()
         self._core = EngineCore(self.model, self.limits, sampler, self.tracer, self.model_id,
-                                prefix_cache=prefix_cache_mode == "radix")
+                                prefix_cache=prefix_cache_mode == "radix",
+                                speculation=self._speculation())
         self._terminated = False
+
+    def _speculation(self):
+        """(drafter, draft length) of the speculative mode, or None."""
+        if self.speculative_mode == "ngram":
+            from mlc.runtime.speculation import ngram_draft
+
+            return (lambda seq, k: ngram_draft(seq.tokens, k)), self.spec_draft_length
+        return None
 
     # -- the public interface beyond create --------------------------------------------
     def is_alive(self) -> bool:

@@ -13,6 +13,7 @@ import logging
 import queue
 import threading
 import time
+from typing import Any, Callable
 
 from mlc.errors import EngineTerminatedError, MLCError
 from mlc.runtime.metrics import EngineStats, MetricsSnapshot, RequestMetrics
@@ -31,13 +32,16 @@ class EngineCore:
 
     def __init__(self, runner: ModelRunner, limits: EngineLimits, sampler,
                  tracer: Tracer | None = None, model_name: str = "",
-                 prefix_cache: bool = True, speculation=None):
+                 prefix_cache: bool = True,
+                 speculation: tuple[Callable[[Any, int], list[int]], int] | None = None):
         self.limits = limits
         self.model_name = model_name
         self.tracer = tracer or Tracer(enabled=False)
         self.counters = StepCounters()
+        drafter, k = (speculation or (None, 0))
         self.scheduler = Scheduler(runner, limits, self.counters, self.tracer,
-                                   prefix_cache=prefix_cache)
+                                   prefix_cache=prefix_cache, drafter=drafter,
+                                   spec_draft_length=k)
         self.actions = make_actions(runner, self.scheduler, self.counters, self.tracer)
         self.outputs = OutputProcessor(sampler, limits, self.tracer)
         self.request_metrics = RequestMetrics()
@@ -130,8 +134,14 @@ class EngineCore:
         if batch is None:
             return
         t0 = time.perf_counter()
-        result = self.actions[batch.kind].run(batch)
-        deltas = self.outputs.process(result, batch.ended)
+        action = self.actions[batch.kind]
+        result = action.run(batch)
+        if batch.kind is StepKind.VERIFY:
+            deltas = self.outputs.process_verify(result)
+            action.commit(result)           # pop rejected drafts before choices end
+            deltas += [(s, self.outputs.final_delta(s, "length")) for s in batch.ended]
+        else:
+            deltas = self.outputs.process(result, batch.ended)
         if batch.kind is StepKind.PREFILL:
             self.counters.prefill_seconds += time.perf_counter() - t0
         else:

@@ -27,6 +27,7 @@ import collections
 import enum
 import itertools
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
@@ -40,11 +41,13 @@ class StepKind(enum.Enum):
 
     PREFILL = "prefill"
     DECODE = "decode"
+    VERIFY = "verify"       # a decode step that also checks each sequence's draft tokens
 
 
 @dataclass
 class ScheduledBatch:
-    """One step's work: `chunks[i]` are the tokens `seqs[i]` appends to the KV cache."""
+    """One step's work: `chunks[i]` are the tokens `seqs[i]` appends to the KV cache (for
+    VERIFY: its last token, then its draft tokens)."""
 
     kind: StepKind
     seqs: list[Sequence]
@@ -138,7 +141,9 @@ class Scheduler:
 
     def __init__(self, kv: KVCacheManager, limits: EngineLimits,
                  counters: StepCounters | None = None, tracer: Tracer | None = None,
-                 prefix_cache: bool = False, prefix_cache_max_entries: int | None = None):
+                 prefix_cache: bool = False, prefix_cache_max_entries: int | None = None,
+                 drafter: Callable[[Sequence, int], list[int]] | None = None,
+                 spec_draft_length: int = 0):
         self.kv = kv
         self.limits = limits
         self.counters = counters or StepCounters()
@@ -147,6 +152,7 @@ class Scheduler:
         self.running: list[Request] = []
         self.prefix = (PrefixCache(kv, prefix_cache_max_entries or 4 * limits.max_batch_size)
                        if prefix_cache else None)
+        self.drafter, self.spec_draft_length = drafter, spec_draft_length
         self._seq_ids = itertools.count()
         self._last_was_prefill = False
         self.free_pages = kv.free_pages()   # as of the end of the last call (other threads read)
@@ -174,10 +180,10 @@ class Scheduler:
             for s in req.seqs:
                 if s.finish_reason or not s.in_cache:
                     continue
-                # the prompt's last chunk is a prefill even when the prefix cache left one
-                # token (a request's first choice forks its n - 1 others there)
+                # (a first choice whose prompt the prefix cache left one token of still
+                # prefills it: it forks the request's n - 1 other choices there)
                 if s.pending > 1 or (s.pending == 1 and (s.num_cached == 0 or (
-                        s.num_generated == 0 and not s.request.forked))):
+                        s.request.config.n > 1 and not s.request.forked))):
                     prefill.append(s)
                 elif s.pending == 1:
                     decode.append(s)
@@ -187,6 +193,8 @@ class Scheduler:
         decode = [s for s in decode if s.in_cache]          # (a prefill may have preempted)
         if batch is None and decode:
             batch = self._decode_batch(decode[: self.limits.max_batch_size])
+            if batch is not None and self.drafter is not None and batch.seqs:
+                batch = self._with_drafts(batch)
         self._last_was_prefill = batch is not None and batch.kind is StepKind.PREFILL
         self._update_page_counts()
         return batch
@@ -283,6 +291,38 @@ class Scheduler:
         if not seqs and not ended:
             return None
         return ScheduledBatch(StepKind.DECODE, seqs, [[s.tokens[-1]] for s in seqs], ended)
+
+    def _with_drafts(self, batch: ScheduledBatch) -> ScheduledBatch:
+        """A decode batch as a VERIFY batch: each sequence's draft (at most
+        `spec_draft_length` tokens, none past its max_tokens or the context window, all of
+        them within one prefill chunk) follows its last token. Without room for the drafts'
+        pages (after evicting cached prefixes), or without any draft, the decode stays."""
+        from mlc.runtime.speculation import can_speculate
+
+        budget = self.limits.prefill_chunk_size - len(batch.seqs)
+        chunks, extra = [], 0
+        for seq, chunk in zip(batch.seqs, batch.chunks):
+            k = min(self.spec_draft_length, budget,
+                    self.limits.context_window_size - len(seq.tokens) - 1)
+            if seq.config.max_tokens is not None:
+                k = min(k, seq.config.max_tokens - seq.num_generated - 1)
+            draft = self.drafter(seq, k) if k > 0 and can_speculate(seq.processors) else []
+            budget -= len(draft)
+            chunks.append(chunk + draft)
+            extra += (self.pages_for(seq.num_cached + 1 + len(draft))
+                      - self.pages_for(seq.num_cached + 1))
+        if all(len(c) == 1 for c in chunks):
+            return batch
+        while extra > self.kv.free_pages() - self._decode_need(batch.seqs) \
+                and self.prefix is not None and self.prefix.evict_lru():
+            self.counters.prefix_evictions += 1
+        if extra > self.kv.free_pages() - self._decode_need(batch.seqs):
+            return batch
+        return ScheduledBatch(StepKind.VERIFY, batch.seqs, chunks, batch.ended)
+
+    def _decode_need(self, seqs: list[Sequence]) -> int:
+        """Pages a one-token step of `seqs` takes (a full last page needs a new one)."""
+        return sum(1 for s in seqs if s.num_cached % self.kv.page_size == 0)
 
     # -- choices and pages -----------------------------------------------------------------
     def fork_choices(self, parent: Sequence) -> list[Sequence]:
