@@ -119,10 +119,54 @@ def stream_text(chunks) -> dict[int, str]:
     return out
 
 
-def test_modes_without_an_implementation_are_refused(tiny):
-    for mode in ("small_draft", "eagle"):
-        with pytest.raises(ModelLoadError, match="not implemented"):
-            make_engine(tiny, speculative_mode=mode)
+def test_modes_without_an_implementation_or_a_draft_are_refused(tiny):
+    with pytest.raises(ModelLoadError, match="not implemented"):
+        make_engine(tiny, speculative_mode="eagle")
+    with pytest.raises(ModelLoadError, match="additional_models"):
+        make_engine(tiny, speculative_mode="small_draft")
+
+
+@pytest.fixture(scope="module")
+def other_draft(tmp_path_factory):
+    """Another random Llama with the same vocabulary (1 layer, other weights)."""
+    tmp = tmp_path_factory.mktemp("tiny-draft")
+    hf_model, hf_dir = make_tiny_llama(tmp, seed=5, num_hidden_layers=1)
+    mlc_dir = write_mlc_dir(hf_model, tmp / "mlc", "q0f32", hf_dir=hf_dir)
+    return mlc_dir, build_lib(mlc_dir)
+
+
+def test_small_draft_greedy_and_seeded_outputs_are_identical(tiny, plain, other_draft):
+    _, mlc_dir, lib = tiny
+    prompts = [REPEATING, LONG_PROMPT[:80], "Hello"]
+    kws = (dict(temperature=0), dict(temperature=1.0, seed=3, n=2),
+           dict(temperature=0, frequency_penalty=0.5))
+    want = [[ids(plain, p, **kw) for kw in kws] for p in prompts]
+    # the target as its own draft: greedy drafts are all accepted
+    eng = make_engine(tiny, speculative_mode="small_draft", spec_draft_length=3,
+                      additional_models=[f"{mlc_dir}:{lib}"])
+    try:
+        assert [[ids(eng, p, **kw) for kw in kws] for p in prompts] == want
+        before = eng.stats()
+        ids(eng, REPEATING)
+        st = eng.stats()
+        drafted = st.draft_tokens - before.draft_tokens
+        assert drafted > 0 and st.accepted_draft_tokens - before.accepted_draft_tokens == drafted
+    finally:
+        eng.terminate()
+    # another model as the draft (a tuple (path, lib) works too): batched streams
+    d_dir, d_lib = other_draft
+    eng = make_engine(tiny, speculative_mode="small_draft", spec_draft_length=4,
+                      additional_models=[(str(d_dir), str(d_lib))])
+    try:
+        streams = [eng.completions.create(prompt=p, temperature=0, max_tokens=40,
+                                          ignore_eos=True, stream=True) for p in prompts]
+        got = [stream_text(s)[0] for s in streams]
+        assert got == [plain.tokenizer.decode(w[0][0]) for w in want]
+        assert [[ids(eng, p, **kw) for kw in kws] for p in prompts] == want
+        st = eng.stats()
+        assert st.draft_tokens > 0 and 0 <= st.acceptance_rate < 1
+    finally:
+        eng.terminate()
 
 
 def test_greedy_output_is_identical_and_drafts_are_accepted(plain, ngram):

@@ -93,11 +93,11 @@ class _EngineBase:
         if speculative_mode not in SPECULATIVE_MODES:
             raise ModelLoadError(f"speculative_mode must be one of {SPECULATIVE_MODES}, got "
                                  f"{speculative_mode!r}.", param="speculative_mode")
-        if speculative_mode in ("small_draft", "eagle"):
+        if speculative_mode == "eagle":
             raise ModelLoadError(
-                f"speculative_mode={speculative_mode!r} is not implemented in mlc yet; use "
-                "speculative_mode='ngram' (prompt lookup, no draft model) or 'disable'.",
-                param="speculative_mode")
+                "speculative_mode='eagle' is not implemented in mlc yet; use 'small_draft' "
+                "(a draft model in additional_models), 'ngram' (prompt lookup, no draft "
+                "model) or 'disable'.", param="speculative_mode")
         self.speculative_mode = speculative_mode
         prefix_cache_mode = pick(prefix_cache_mode, cfg.prefix_cache_mode)
         if prefix_cache_mode not in PREFIX_CACHE_MODES:
@@ -115,6 +115,7 @@ class _EngineBase:
             raise ModelLoadError(f"spec_draft_length must be positive, got "
                                  f"{self.spec_draft_length}.", param="spec_draft_length")
         self.verbose = verbose or cfg.verbose
+        self.device_arg = device
         kind, dev = parse_runtime_device(device)
         self.model_dir = resolve_model(model, quiet=not self.verbose, device_kind=kind)
         self.model_id = served_model_name or _model_id(self.model_arg, self.model_dir)
@@ -155,11 +156,48 @@ class _EngineBase:
 
     def _speculation(self):
         """(drafter, draft length) of the speculative mode, or None."""
-        if self.speculative_mode == "ngram":
-            from mlc.runtime.speculation import ngram_draft
+        from mlc.runtime.speculation import ModelDrafter, NgramDrafter
 
-            return (lambda seq, k: ngram_draft(seq.tokens, k)), self.spec_draft_length
+        if self.speculative_mode == "ngram":
+            return NgramDrafter(), self.spec_draft_length
+        if self.speculative_mode == "small_draft":
+            return (ModelDrafter(self._load_draft_model(), self.limits.prefill_chunk_size),
+                    self.spec_draft_length)
         return None
+
+    def _load_draft_model(self) -> LoadedModel:
+        """The draft model of small_draft: additional_models[0], "model_path" or
+        "model_path:model_lib" (or a (path, lib) pair), its library compiled on demand
+        when absent; same vocabulary as the target, same device, its own KV cache."""
+        if not self.additional_models:
+            raise ModelLoadError(
+                "speculative_mode='small_draft' needs a draft model: pass "
+                "additional_models=['DRAFT_MODEL'] (or 'DRAFT_MODEL:DRAFT_LIB').",
+                param="additional_models")
+        spec = self.additional_models[0]
+        if isinstance(spec, (tuple, list)):
+            path, lib = spec
+        else:
+            path, lib = str(spec), None
+            if ":" in path and not path.startswith("HF://"):
+                path, lib = path.split(":", 1)
+        kind, dev = parse_runtime_device(self.device_arg)
+        draft_dir = resolve_model(path, quiet=not self.verbose, device_kind=kind)
+        if lib is None:
+            from mlc.runtime.jit import find_or_build_library
+
+            lib = find_or_build_library(draft_dir, kind, dev, quiet=not self.verbose)
+        draft = LoadedModel(draft_dir, lib, self.device_arg)
+        if draft.vocab_size != self.model.vocab_size:
+            raise ModelLoadError(
+                f"The draft model {path} has a vocabulary of {draft.vocab_size} tokens and the "
+                f"target {self.model.vocab_size}: a draft must share the target's tokenizer.",
+                param="additional_models")
+        plan = self.memory_plan
+        draft.create_kv_cache(KVCacheConfig(
+            plan.max_batch_size, plan.max_total_sequence_length, plan.prefill_chunk_size))
+        self.draft_model = draft
+        return draft
 
     # -- the public interface beyond create --------------------------------------------
     def is_alive(self) -> bool:

@@ -13,7 +13,7 @@ import logging
 import queue
 import threading
 import time
-from typing import Any, Callable
+from typing import Any
 
 from mlc.errors import EngineTerminatedError, MLCError
 from mlc.runtime.metrics import EngineStats, MetricsSnapshot, RequestMetrics
@@ -33,7 +33,8 @@ class EngineCore:
     def __init__(self, runner: ModelRunner, limits: EngineLimits, sampler,
                  tracer: Tracer | None = None, model_name: str = "",
                  prefix_cache: bool = True,
-                 speculation: tuple[Callable[[Any, int], list[int]], int] | None = None):
+                 speculation: tuple[Any, int] | None = None):
+        """`speculation`: (drafter, draft length) (`mlc.runtime.speculation`), or None."""
         self.limits = limits
         self.model_name = model_name
         self.tracer = tracer or Tracer(enabled=False)

@@ -27,7 +27,6 @@ import collections
 import enum
 import itertools
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
@@ -142,7 +141,7 @@ class Scheduler:
     def __init__(self, kv: KVCacheManager, limits: EngineLimits,
                  counters: StepCounters | None = None, tracer: Tracer | None = None,
                  prefix_cache: bool = False, prefix_cache_max_entries: int | None = None,
-                 drafter: Callable[[Sequence, int], list[int]] | None = None,
+                 drafter=None,
                  spec_draft_length: int = 0):
         self.kv = kv
         self.limits = limits
@@ -300,14 +299,19 @@ class Scheduler:
         from mlc.runtime.speculation import can_speculate
 
         budget = self.limits.prefill_chunk_size - len(batch.seqs)
-        chunks, extra = [], 0
-        for seq, chunk in zip(batch.seqs, batch.chunks):
+        ks = []
+        for seq in batch.seqs:
             k = min(self.spec_draft_length, budget,
                     self.limits.context_window_size - len(seq.tokens) - 1)
             if seq.config.max_tokens is not None:
                 k = min(k, seq.config.max_tokens - seq.num_generated - 1)
-            draft = self.drafter(seq, k) if k > 0 and can_speculate(seq.processors) else []
-            budget -= len(draft)
+            k = max(0, k) if can_speculate(seq.processors) else 0
+            budget -= k
+            ks.append(k)
+        drafts = self.drafter.propose(batch.seqs, ks)
+        chunks, extra = [], 0
+        for seq, chunk, draft, k in zip(batch.seqs, batch.chunks, drafts, ks):
+            draft = draft[:k]
             chunks.append(chunk + draft)
             extra += (self.pages_for(seq.num_cached + 1 + len(draft))
                       - self.pages_for(seq.num_cached + 1))
@@ -365,6 +369,8 @@ class Scheduler:
     def _release(self, seq: Sequence) -> None:
         """A sequence leaves the KV cache: its entries become a cached prefix (when caching
         and it holds any), else its pages are freed."""
+        if self.drafter is not None:
+            self.drafter.release(seq)
         if self.prefix is not None and seq.num_cached > 0:
             self.prefix.insert(seq.seq_id, seq.tokens[: seq.num_cached])
         else:
