@@ -20,6 +20,11 @@ HELP = {
     "served_model_name": "The model id clients see and send (default: the model dir's name).",
     "log_level": "uvicorn log level.",
     "verbose": "Log the engine configuration and memory plan.",
+    "speculative_mode": "Speculative decoding: disable, ngram (prompt lookup) or small_draft "
+                        "(needs --additional-models).",
+    "spec_draft_length": "Most draft tokens verified per sequence and step (default 4).",
+    "additional_models": "The draft model of small_draft: MODEL or MODEL:LIB.",
+    "prefix_cache_mode": "radix: reuse the KV entries of shared prompt prefixes; disable.",
 }
 
 
@@ -44,11 +49,19 @@ HELP = {
               type=click.Choice(["critical", "error", "warning", "info", "debug"]),
               help=HELP["log_level"])
 @click.option("--verbose", is_flag=True, help=HELP["verbose"])
+@click.option("--speculative-mode", default="disable", show_default=True,
+              type=click.Choice(["disable", "ngram", "small_draft"]),
+              help=HELP["speculative_mode"])
+@click.option("--spec-draft-length", type=int, default=None, help=HELP["spec_draft_length"])
+@click.option("--additional-models", multiple=True, help=HELP["additional_models"])
+@click.option("--prefix-cache-mode", default="radix", show_default=True,
+              type=click.Choice(["radix", "disable"]), help=HELP["prefix_cache_mode"])
 def serve(model: str, model_lib: str | None, device: str, mode: str, host: str, port: int,
           api_key: str | None, max_batch_size: int | None, max_total_seq_length: int | None,
           prefill_chunk_size: int | None, max_waiting_requests: int | None,
           max_body_bytes: int | None, served_model_name: str | None, log_level: str,
-          verbose: bool) -> None:
+          verbose: bool, speculative_mode: str, spec_draft_length: int | None,
+          additional_models: tuple[str, ...], prefix_cache_mode: str) -> None:
     """Serve MODEL over OpenAI's HTTP API (/v1/chat/completions, /v1/completions, /v1/models).
 
     MODEL: an MLC model dir, HF://org/repo, or SmolLM2-135M-Instruct.
@@ -61,7 +74,11 @@ def serve(model: str, model_lib: str | None, device: str, mode: str, host: str, 
                             max_batch_size=max_batch_size,
                             max_total_sequence_length=max_total_seq_length,
                             prefill_chunk_size=prefill_chunk_size, verbose=verbose,
-                            served_model_name=served_model_name)
+                            served_model_name=served_model_name,
+                            speculative_mode=speculative_mode,
+                            spec_draft_length=spec_draft_length,
+                            additional_models=list(additional_models),
+                            prefix_cache_mode=prefix_cache_mode)
     limits = {k: v for k, v in (("max_waiting_requests", max_waiting_requests),
                                 ("max_body_bytes", max_body_bytes)) if v is not None}
     app = create_app(engine, api_key=api_key, **limits)
