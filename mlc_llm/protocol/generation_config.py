@@ -6,25 +6,26 @@ window"); `to_mlc()` turns it into the `GenerationConfig` mlc's engine runs.
 
 from __future__ import annotations
 
-from pydantic import BaseModel
+from pydantic import Field
 
 from mlc.errors import BadRequestError
 from mlc.runtime import generation_config as _G
-from mlc.runtime.protocol import ResponseFormat
+from mlc.runtime.protocol import ResponseFormat, TopLevelRequest
 from mlc_llm.protocol.debug_protocol import DebugConfig
 
 
-class GenerationConfig(BaseModel):
-    """How to sample and when to stop, for one request (MLC-LLM's field names)."""
+class GenerationConfig(TopLevelRequest):
+    """How to sample and when to stop, for one request (MLC-LLM's field names). Values out of
+    range raise `BadRequestError` naming the field, as a request body's would."""
 
-    n: int = 1
-    temperature: float | None = None
-    top_p: float | None = None
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
-    repetition_penalty: float | None = None
+    n: int = Field(default=1, ge=1, le=_G.MAX_N)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(default=None, gt=0)
     logprobs: bool = False
-    top_logprobs: int = 0
+    top_logprobs: int = Field(default=0, ge=0, le=_G.MAX_TOP_LOGPROBS)
     logit_bias: dict[int, float] | None = None
     max_tokens: int = -1
     seed: int | None = None
@@ -34,7 +35,7 @@ class GenerationConfig(BaseModel):
     debug_config: DebugConfig | None = None
 
     def to_mlc(self) -> _G.GenerationConfig:
-        """The same settings as mlc's `GenerationConfig` (validated). Raises
+        """The same settings as mlc's `GenerationConfig` (validated at construction). Raises
         `BadRequestError` for debug options mlc cannot honour."""
         debug = self.debug_config or DebugConfig()
         if debug.pinned_system_prompt:
@@ -58,7 +59,7 @@ class GenerationConfig(BaseModel):
             logprobs=self.logprobs, top_logprobs=self.top_logprobs,
             max_tokens=None if self.max_tokens < 0 else self.max_tokens, seed=self.seed,
             stop_strs=list(self.stop_strs or []), stop_token_ids=list(self.stop_token_ids or []),
-            ignore_eos=debug.ignore_eos, response_format=response_format).validate()
+            ignore_eos=debug.ignore_eos, response_format=response_format)
 
 
 __all__ = ["GenerationConfig"]
