@@ -8,9 +8,10 @@ on a `queue.Queue`, the async one on an asyncio queue fed thread-safely.
 
 The public interface (used by the server, `mlc chat`, the tests and deployments): `create`
 under `chat.completions` / `completions`, `generate` (the engine's own per-step outputs),
-`abort`, `terminate`, `stats()`, `metrics()`, `is_alive()`, `model_id`, `serves_model()`,
-`limits`, `memory_plan`, and on the async engine `serve_request` (the HTTP server's entry:
-stream chunks come as JSON text, without building response objects per token).
+`abort`, `terminate`, `stats()`, `metrics()`, `is_alive()`, `event_trace()`, `model_id`,
+`serves_model()`, `limits`, `memory_plan`, and on the async engine `serve_request` (the HTTP
+server's entry: stream chunks come as JSON text, without building response objects per
+token).
 """
 
 from __future__ import annotations
@@ -177,6 +178,11 @@ class _EngineBase:
     def abort(self, request_id: str) -> None:
         """End a request early; its streams finish with finish_reason "abort"."""
         self._core.abort(request_id)
+
+    def event_trace(self) -> dict[str, Any] | None:
+        """The Chrome trace (a JSON object) of the requests so far; None unless the engine
+        was created with enable_tracing=True."""
+        return self.tracer.to_chrome_trace() if self.tracer.enabled else None
 
     def save_trace(self, path: str | Path) -> Path:
         """Write the Chrome trace of the requests so far (needs enable_tracing=True)."""
@@ -359,8 +365,9 @@ class _EngineBase:
                 continue
             choices.append(P.ChunkChoice(
                 index=d.index, finish_reason=reason,
-                # content stays a str (MLC-LLM's examples concatenate every delta's content)
-                delta=P.Delta(role="assistant" if first else None,
+                # content stays a str (MLC-LLM's examples concatenate every delta's content);
+                # the role is in every chunk, as MLC-LLM sends it (OpenAI: the first only)
+                delta=P.Delta(role="assistant",
                               content=None if tool_calls else text, tool_calls=tool_calls),
                 logprobs=self._chat_logprobs(d)))
         chunks = []
@@ -462,7 +469,7 @@ class _EngineBase:
             state.started.add(d.index)
             if d.text or first or d.finish_reason:
                 choices.append({"delta": {"content": d.text, "refusal": None,
-                                          "role": "assistant" if first else None,
+                                          "role": "assistant",
                                           "tool_calls": None},
                                 "finish_reason": d.finish_reason, "index": d.index,
                                 "logprobs": None})
@@ -524,6 +531,21 @@ def _sampling_path(choice: str, model: LoadedModel) -> str:
     if choice == "auto":
         return "device" if has_all and model.device_kind != "cpu" else "host"
     return choice
+
+
+def _request_args(request: Any, kwargs: dict[str, Any]) -> Any:
+    """What `create()` was given, as one request: a parsed request as is, or the keyword
+    arguments with `extra_body`'s fields merged in (the openai client sends them in the JSON
+    body, over the named arguments)."""
+    if request is not None:
+        return request
+    extra = kwargs.pop("extra_body", None)
+    if extra is None:
+        return kwargs
+    if not isinstance(extra, dict):
+        raise BadRequestError(f"extra_body must be a dict of request fields, got "
+                              f"{type(extra).__name__}.", param="extra_body")
+    return {**kwargs, **extra}
 
 
 def _raise_if_error(out: RequestOutput) -> RequestOutput:
@@ -602,8 +624,9 @@ class _SyncCreate:
     def create(self, request: P.ChatCompletionRequest | P.CompletionRequest | None = None,
                /, **kwargs: Any):
         """OpenAI's `create(**kwargs)`: the response object, or with stream=True an iterator
-        of chunks. A request already parsed by `mlc.runtime.protocol` may be passed instead."""
-        pending = self._start(request if request is not None else kwargs)
+        of chunks. A request already parsed by `mlc.runtime.protocol` may be passed instead.
+        `extra_body={...}` adds fields as the openai client does (e.g. `debug_config`)."""
+        pending = self._start(_request_args(request, kwargs))
         if pending.streaming:
             return self._iterate(pending)
         return pending.response(list(pending.stream))
@@ -706,8 +729,9 @@ class _AsyncCreate:
     async def create(self, request: P.ChatCompletionRequest | P.CompletionRequest | None = None,
                      /, **kwargs: Any):
         """OpenAI's `create(**kwargs)`: the response object, or with stream=True an async
-        iterator of chunks. A request already parsed by the protocol may be passed instead."""
-        pending = self._start(request if request is not None else kwargs)
+        iterator of chunks. A request already parsed by the protocol may be passed instead.
+        `extra_body={...}` adds fields as the openai client does (e.g. `debug_config`)."""
+        pending = self._start(_request_args(request, kwargs))
         if pending.streaming:
             return self._iterate(pending)
         return await self._collect(pending)
