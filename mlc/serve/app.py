@@ -4,8 +4,8 @@
 
 Routes: `POST /v1/chat/completions`, `POST /v1/completions` (JSON, or SSE with
 ``stream: true``), `GET /v1/models`, `GET /v1/models/{id}`, `GET /health`, `GET /metrics`
-(Prometheus), `POST /debug/dump_event_trace` (with `enable_debug`), and the schema at
-`/openapi.json`. The app uses only the engine's public
+(Prometheus), `POST /v1/responses` (`mlc.serve.responses`), `POST /debug/dump_event_trace`
+(with `enable_debug`, `mlc.serve.debug`), and the schema at `/openapi.json`. The app uses only the engine's public
 interface (`serve_request`, `abort`, `is_alive`, `metrics`, `model_id`, `serves_model`,
 `limits`). Request bodies are read as raw JSON and validated once, by the protocol's parse
 functions (which also drop unknown fields and give the request its id), so every problem is
@@ -43,7 +43,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mlc.errors import BadRequestError, MLCError, ServerOverloadedError
 from mlc.runtime import protocol as P
-from mlc.serve import debug
+from mlc.serve import debug, responses
 from mlc.serve.metrics import metrics_registry, render
 
 logger = logging.getLogger(__name__)
@@ -229,6 +229,7 @@ def create_app(engine: Any, api_key: str | None = None, *,
                              "open_requests": state.open_requests},
                             status_code=200 if ok else 503)
 
+    responses.register(app, state, auth, _read_json)
     if enable_debug:
         debug.register(app, state, auth, _read_json, NotFoundError)
     app.openapi = lambda: _openapi(app)
