@@ -262,3 +262,132 @@ def test_responses_stream_error_midway_is_an_error_event(scripted):
     assert events[0][0] == "response.created"
     assert events[-1][0] == "error"
     assert events[-1][1]["message"] == "the engine failed midway"
+
+
+# ---------------------------------------------------------------------------------------------
+# POST /v1/messages (Anthropic)
+
+ANTHROPIC_WEATHER = {"name": "get_weather", "description": "The weather in a city.",
+                     "input_schema": WEATHER["parameters"]}
+
+
+@pytest.fixture(scope="module")
+def claude(server):
+    import anthropic
+
+    return anthropic.Anthropic(base_url=server.url, api_key="none", max_retries=0,
+                               timeout=120)
+
+
+def test_messages_create_matches_chat(claude, client, engine):
+    # the anthropic package no longer has sampling arguments; the API still takes them
+    msg = claude.messages.create(model=engine.model_id, max_tokens=6,
+                                 extra_body={"temperature": 0}, system="Be brief.",
+                                 messages=[{"role": "user", "content": "Hello"}])
+    chat = client.chat.completions.create(
+        model=engine.model_id, max_tokens=6, temperature=0,
+        messages=[{"role": "system", "content": "Be brief."},
+                  {"role": "user", "content": "Hello"}])
+    assert msg.type == "message" and msg.role == "assistant" and msg.id.startswith("msg_")
+    assert msg.content[0].type == "text"
+    assert msg.content[0].text == chat.choices[0].message.content
+    assert msg.usage.input_tokens == chat.usage.prompt_tokens
+    assert msg.usage.output_tokens == chat.usage.completion_tokens
+    assert msg.stop_reason == {"length": "max_tokens", "stop": "end_turn"}[
+        chat.choices[0].finish_reason]
+
+
+def test_messages_stream_events(claude, engine):
+    args = dict(model=engine.model_id, max_tokens=5, extra_body={"temperature": 0},
+                messages=[{"role": "user", "content": [{"type": "text", "text": "Hello"}]}])
+    full = claude.messages.create(**args)
+    with claude.messages.stream(**args) as stream:
+        events = list(stream)
+        final = stream.get_final_message()
+    kinds = [e.type for e in events]
+    assert kinds[0] == "message_start" and kinds[-1] == "message_stop"
+    assert "content_block_start" in kinds and "message_delta" in kinds
+    assert final.content[0].text == full.content[0].text
+    assert final.usage.input_tokens == full.usage.input_tokens
+    assert final.usage.output_tokens == full.usage.output_tokens
+    assert final.stop_reason == full.stop_reason
+    raw = [e.type for e in claude.messages.create(**args, stream=True)]
+    assert raw[0] == "message_start" and raw[-1] == "message_stop"
+
+
+def test_messages_errors_have_anthropics_shape(server, claude, engine):
+    import anthropic
+
+    with pytest.raises(anthropic.BadRequestError) as err:
+        claude.messages.create(model=engine.model_id, max_tokens=0,
+                               messages=[{"role": "user", "content": "Hi"}])
+    body = err.value.body
+    assert body["type"] == "error" and body["error"]["type"] == "invalid_request_error"
+    assert "max_tokens" in body["error"]["message"]
+    with pytest.raises(anthropic.BadRequestError, match="image"):
+        claude.messages.create(model=engine.model_id, max_tokens=2, messages=[
+            {"role": "user", "content": [{"type": "image", "source": {
+                "type": "base64", "media_type": "image/png", "data": "AAAA"}}]}])
+    with pytest.raises(anthropic.NotFoundError) as err:
+        claude.messages.create(model="other-model", max_tokens=2,
+                               messages=[{"role": "user", "content": "Hi"}])
+    assert err.value.body["error"]["type"] == "not_found_error"
+
+
+def test_messages_api_key_as_x_api_key(engine):
+    import anthropic
+
+    with ServerThread(create_app(engine, api_key="sk-k")) as srv:
+        good = anthropic.Anthropic(base_url=srv.url, api_key="sk-k", max_retries=0)
+        assert good.messages.create(model=engine.model_id, max_tokens=1, messages=[
+            {"role": "user", "content": "Hi"}]).usage.output_tokens == 1
+        bad = anthropic.Anthropic(base_url=srv.url, api_key="wrong", max_retries=0)
+        with pytest.raises(anthropic.AuthenticationError) as err:
+            bad.messages.create(model=engine.model_id, max_tokens=1,
+                                messages=[{"role": "user", "content": "Hi"}])
+        assert err.value.body["error"]["type"] == "authentication_error"
+
+
+def test_messages_tools(scripted):
+    import anthropic
+
+    claude = anthropic.Anthropic(base_url=scripted.url, api_key="x", max_retries=0)
+    msg = claude.messages.create(model="scripted", max_tokens=64, tools=[ANTHROPIC_WEATHER],
+                                 tool_choice={"type": "any"},
+                                 messages=[{"role": "user", "content": "Weather in Paris?"}])
+    assert msg.stop_reason == "tool_use"
+    [use] = msg.content
+    assert use.type == "tool_use" and use.name == "get_weather"
+    assert use.input == {"city": "Paris"} and use.id.startswith("toolu_")
+    sent = scripted.engine.requests[-1]
+    assert sent.tools[0].function.parameters == WEATHER["parameters"]
+    assert sent.tool_choice == "required"
+    # the conversation continues with the tool's result
+    claude.messages.create(model="scripted", max_tokens=64, messages=[
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": use.id,
+                                           "name": use.name, "input": use.input}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id,
+                                      "content": "sunny"}]}])
+    sent = scripted.engine.requests[-1]
+    assert [m.role for m in sent.messages] == ["user", "assistant", "tool"]
+    assert json.loads(sent.messages[1].tool_calls[0].function.arguments) == {"city": "Paris"}
+    assert sent.messages[2].tool_call_id == use.id and sent.messages[2].text() == "sunny"
+    with claude.messages.stream(model="scripted", max_tokens=64, tools=[ANTHROPIC_WEATHER],
+                                messages=[{"role": "user", "content": "Weather?"}]) as s:
+        final = s.get_final_message()
+    assert final.stop_reason == "tool_use" and final.content[-1].input == {"city": "Paris"}
+    with claude.messages.stream(model="scripted", max_tokens=64,
+                                messages=[{"role": "user", "content": "Weather?"}]) as s:
+        assert "".join(s.text_stream) == "It is sunny. "
+
+
+def test_messages_stream_error_midway(scripted):
+    with httpx.stream("POST", scripted.url + "/v1/messages", json={
+            "model": "scripted", "max_tokens": 8, "stream": True,
+            "messages": [{"role": "user", "content": "fail"}]}) as r:
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[0] == "event: message_start" and lines[-2] == "event: error"
+    error = json.loads(lines[-1][len("data: "):])
+    assert error["type"] == "error" and error["error"]["message"] == "the engine failed midway"
+    assert error["error"]["type"] == "invalid_request_error"    # the MLCError's status, 400

@@ -4,7 +4,8 @@
 
 Routes: `POST /v1/chat/completions`, `POST /v1/completions` (JSON, or SSE with
 ``stream: true``), `GET /v1/models`, `GET /v1/models/{id}`, `GET /health`, `GET /metrics`
-(Prometheus), `POST /v1/responses` (`mlc.serve.responses`), `POST /debug/dump_event_trace`
+(Prometheus), `POST /v1/responses` (`mlc.serve.responses`), `POST /v1/messages` (Anthropic's,
+`mlc.serve.anthropic`), `POST /debug/dump_event_trace`
 (with `enable_debug`, `mlc.serve.debug`), and the schema at `/openapi.json`. The app uses only the engine's public
 interface (`serve_request`, `abort`, `is_alive`, `metrics`, `model_id`, `serves_model`,
 `limits`). Request bodies are read as raw JSON and validated once, by the protocol's parse
@@ -43,7 +44,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mlc.errors import BadRequestError, MLCError, ServerOverloadedError
 from mlc.runtime import protocol as P
-from mlc.serve import debug, responses
+from mlc.serve import anthropic, debug, responses
 from mlc.serve.metrics import metrics_registry, render
 
 logger = logging.getLogger(__name__)
@@ -230,6 +231,7 @@ def create_app(engine: Any, api_key: str | None = None, *,
                             status_code=200 if ok else 503)
 
     responses.register(app, state, auth, _read_json)
+    anthropic.register(app, state, _read_json)
     if enable_debug:
         debug.register(app, state, auth, _read_json, NotFoundError)
     app.openapi = lambda: _openapi(app)
