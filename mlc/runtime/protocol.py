@@ -486,7 +486,7 @@ class CompletionRequest(_SamplingRequest):
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     logit_bias: dict[int, float] | None = None
     logprobs: int | None = Field(default=None, ge=0, le=5)
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=0)   # 0: score the prompt (echo), no text
     n: int = Field(default=1, ge=1, le=128)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     seed: int | None = None
@@ -540,8 +540,10 @@ class CompletionRequest(_SamplingRequest):
 
     def to_generation_config(self) -> GenerationConfig:
         """The request's sampling settings; unset ones stay None (see `with_defaults`)."""
-        return self._generation_config(self.max_tokens, self.logprobs is not None,
-                                       self.logprobs or 0)
+        gen = self._generation_config(self.max_tokens, self.logprobs is not None,
+                                      self.logprobs or 0)
+        gen.prompt_logprobs = self.echo and self.logprobs is not None
+        return gen
 
 
 def _merge_args(data: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -717,7 +719,7 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int] | None = None
     token_logprobs: list[float | None] | None = None
     tokens: list[str] | None = None
-    top_logprobs: list[dict[str, float]] | None = None
+    top_logprobs: list[dict[str, float] | None] | None = None
 
 
 class CompletionChoice(BaseModel):
