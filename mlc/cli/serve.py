@@ -20,6 +20,8 @@ HELP = {
     "served_model_name": "The model id clients see and send (default: the model dir's name).",
     "log_level": "uvicorn log level.",
     "verbose": "Log the engine configuration and memory plan.",
+    "enable_tracing": "Record per-request events (Chrome trace; POST /debug/dump_event_trace).",
+    "enable_debug": "Serve the /debug routes (POST /debug/dump_event_trace).",
 }
 
 
@@ -44,11 +46,13 @@ HELP = {
               type=click.Choice(["critical", "error", "warning", "info", "debug"]),
               help=HELP["log_level"])
 @click.option("--verbose", is_flag=True, help=HELP["verbose"])
+@click.option("--enable-tracing", is_flag=True, help=HELP["enable_tracing"])
+@click.option("--enable-debug", is_flag=True, help=HELP["enable_debug"])
 def serve(model: str, model_lib: str | None, device: str, mode: str, host: str, port: int,
           api_key: str | None, max_batch_size: int | None, max_total_seq_length: int | None,
           prefill_chunk_size: int | None, max_waiting_requests: int | None,
           max_body_bytes: int | None, served_model_name: str | None, log_level: str,
-          verbose: bool) -> None:
+          verbose: bool, enable_tracing: bool, enable_debug: bool) -> None:
     """Serve MODEL over OpenAI's HTTP API (/v1/chat/completions, /v1/completions, /v1/models).
 
     MODEL: an MLC model dir, HF://org/repo, or SmolLM2-135M-Instruct.
@@ -61,10 +65,11 @@ def serve(model: str, model_lib: str | None, device: str, mode: str, host: str, 
                             max_batch_size=max_batch_size,
                             max_total_sequence_length=max_total_seq_length,
                             prefill_chunk_size=prefill_chunk_size, verbose=verbose,
-                            served_model_name=served_model_name)
+                            served_model_name=served_model_name,
+                            enable_tracing=enable_tracing)
     limits = {k: v for k, v in (("max_waiting_requests", max_waiting_requests),
                                 ("max_body_bytes", max_body_bytes)) if v is not None}
-    app = create_app(engine, api_key=api_key, **limits)
+    app = create_app(engine, api_key=api_key, enable_debug=enable_debug, **limits)
     click.echo(f"Serving {engine.model_id} on http://{host}:{port}/v1 "
                f"(device {engine.model.device_kind}, max_batch_size "
                f"{engine.limits.max_batch_size}, context {engine.limits.context_window_size})")

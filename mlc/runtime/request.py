@@ -57,6 +57,9 @@ class RequestOutput:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: Exception | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    """With `prompt_logprobs` set: each prompt token's logprob (None for the first), in the
+    request's first output."""
 
 
 class OutputSink(Protocol):
@@ -86,6 +89,8 @@ class Request:
         self.forked = False                 # the n - 1 other choices exist
         self.arrival = time.monotonic()
         self.first_token_time: float | None = None
+        self.prompt_logprobs: list[TokenLogprob | None] | None = None   # filled by prefill
+        self._prompt_logprobs_sent = False
 
     @property
     def finished(self) -> bool:
@@ -97,8 +102,11 @@ class Request:
 
     def output(self, deltas: list[ChoiceDelta]) -> RequestOutput:
         """This step's output of the request, with its token counts."""
+        prompt_logprobs = None
+        if self.prompt_logprobs is not None and not self._prompt_logprobs_sent:
+            prompt_logprobs, self._prompt_logprobs_sent = self.prompt_logprobs, True
         return RequestOutput(self.request_id, deltas, self.finished, len(self.prompt_ids),
-                             self.num_generated)
+                             self.num_generated, prompt_logprobs=prompt_logprobs)
 
 
 class Sequence:

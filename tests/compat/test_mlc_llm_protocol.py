@@ -77,7 +77,7 @@ def test_generation_config_defaults_and_mlc_conversion():
     assert (mlc.logprobs, mlc.top_logprobs, mlc.ignore_eos) == (True, 3, True)
     assert mlc.response_format == {"type": "json_object"}
     with pytest.raises(BadRequestError, match="temperature"):
-        G(temperature=3)
+        G(temperature=3).to_mlc()
     with pytest.raises(BadRequestError) as err:
         G(debug_config={"pinned_system_prompt": True}).to_mlc()
     assert err.value.param == "debug_config.pinned_system_prompt"
