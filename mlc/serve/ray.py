@@ -30,7 +30,8 @@ serve --ray` sets it for the Ray it starts) whose middleware, on the `/v1/` rout
   (503, `Retry-After`) instead of Serve's plain text;
 - ends an event stream that a dying replica cut with an error event and `data: [DONE]`.
 
-Every response from a replica carries an `x-mlc-replica` header (the Serve replica id).
+Every response from a replica carries an `x-mlc-replica` header (the Serve replica id), and
+one that the middleware had to send more than once an `x-mlc-attempts` header (the tries).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ logger = logging.getLogger(__name__)
 PROXY_CALLBACK = "mlc.serve.ray.proxy_middlewares"
 PROXY_CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
 REPLICA_HEADER = "x-mlc-replica"
+ATTEMPTS_HEADER = "x-mlc-attempts"     # on a response that needed more than one try
 
 
 def _require_ray():
@@ -327,7 +329,7 @@ class ReplicaFailureMiddleware:
                 break
         replayable = not body[-1].get("more_body")
         for attempt in range(self.retries + 1):
-            run = _Attempt(send, body, receive)
+            run = _Attempt(send, body, receive, attempt + 1)
             try:
                 await self.app(scope, run.receive, run.send)
             except Exception as e:  # noqa: BLE001 - judged below by what reached the client
@@ -355,8 +357,9 @@ class _Attempt:
     """One try of a request: replays its body, and holds back a Serve error response
     (a 5xx that is neither JSON nor an event stream) so that it can be retried."""
 
-    def __init__(self, send, body: list[dict], receive):
+    def __init__(self, send, body: list[dict], receive, number: int):
         self._send, self._body, self._receive = send, list(body), receive
+        self.number = number
         self.started = self.finished = self.sse = self.disconnected = False
         self.held_status: int | None = None
         self.held_text = b""
@@ -380,6 +383,10 @@ class _Attempt:
                 return
             self.sse = ctype.startswith(b"text/event-stream")
             self.started = True
+            if self.number > 1:
+                message = {**message, "headers": [*message.get("headers", []),
+                                                  (ATTEMPTS_HEADER.encode(),
+                                                   str(self.number).encode())]}
         elif message["type"] == "http.response.body":
             if self.held_status is not None:
                 self.held_text += message.get("body", b"")
@@ -411,4 +418,5 @@ class _Attempt:
 
 
 __all__ = ["ReplicaOptions", "build_app", "serve_on_ray", "deployment_options", "proxy_middlewares",
-           "ReplicaFailureMiddleware", "PROXY_CALLBACK", "PROXY_CALLBACK_ENV", "REPLICA_HEADER"]
+           "ReplicaFailureMiddleware", "PROXY_CALLBACK", "PROXY_CALLBACK_ENV", "REPLICA_HEADER",
+           "ATTEMPTS_HEADER"]
