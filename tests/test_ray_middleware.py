@@ -164,3 +164,23 @@ def test_deployment_options():
         deployment_options(ReplicaOptions(num_replicas=3, max_replicas=2), {})
     with pytest.raises(ValueError, match="num_cpus"):
         deployment_options(ReplicaOptions(num_cpus=0), {})
+
+
+def test_app_builder_reads_serve_cli_strings():
+    pytest.importorskip("ray.serve")
+    from mlc.serve.ray import app_builder
+
+    app = app_builder({"model": "dist/m", "device": "cpu", "replicas": "3",
+                       "replica_cpus": "2", "max_batch_size": "4", "api_key": "k"})
+    deployment = app._bound_deployment
+    assert deployment.num_replicas == 3
+    assert deployment.ray_actor_options["num_cpus"] == 2.0
+    assert deployment.ray_actor_options["runtime_env"]["env_vars"]["TVM_NUM_THREADS"] == "2"
+    assert app._bound_deployment.init_args == (
+        "dist/m", {"device": "cpu", "max_batch_size": 4}, {"api_key": "k"})
+    with pytest.raises(ValueError, match="Unknown .*'replica'"):
+        app_builder({"model": "m", "replica": "2"})
+    with pytest.raises(ValueError, match="replicas='two' is not of type int"):
+        app_builder({"model": "m", "replicas": "two"})
+    with pytest.raises(ValueError, match="needs a `model`"):
+        app_builder({})

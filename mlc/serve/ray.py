@@ -205,6 +205,58 @@ def deployment_options(options: ReplicaOptions, engine_kwargs: dict[str, Any],
     return out
 
 
+# What `app_builder` accepts, and how to read each (Serve's CLI passes strings).
+_REPLICA_ARGS = {"replicas": int, "max_replicas": int, "replica_cpus": float,
+                 "replica_gpus": float, "tvm_threads": int, "target_ongoing_requests": float,
+                 "max_ongoing_requests": int, "request_router_class": str}
+_APP_ARGS = {"api_key": str, "max_body_bytes": int, "max_waiting_requests": int}
+_ENGINE_ARGS = {"device": str, "model_lib": str, "mode": str, "max_batch_size": int,
+                "max_total_sequence_length": int, "prefill_chunk_size": int,
+                "served_model_name": str}
+
+
+def app_builder(args: dict[str, Any]):
+    """The application builder for Serve's config files and CLI, and for KubeRay's
+    RayService (`import_path: mlc.serve.ray:app_builder`):
+
+        serve run mlc.serve.ray:app_builder model=dist/model device=cpu replicas=2
+
+    `model` is required; the other keys are `mlc serve`'s options with underscores
+    (replicas, max_replicas, replica_cpus, replica_gpus, device, model_lib, mode,
+    max_batch_size, max_total_sequence_length, prefill_chunk_size, served_model_name,
+    api_key, max_body_bytes, max_waiting_requests), plus tvm_threads,
+    target_ongoing_requests, max_ongoing_requests and request_router_class."""
+    args = dict(args)
+    if "model" not in args:
+        raise ValueError("mlc.serve.ray:app_builder needs a `model` argument (model=DIR).")
+    model = str(args.pop("model"))
+    known = {**_REPLICA_ARGS, **_APP_ARGS, **_ENGINE_ARGS}
+    unknown = sorted(set(args) - set(known))
+    if unknown:
+        raise ValueError(f"Unknown mlc.serve.ray:app_builder arguments {unknown}; known: "
+                         f"model, {', '.join(sorted(known))}.")
+    values = {}
+    for key, value in args.items():
+        try:
+            values[key] = None if value is None else known[key](value)
+        except (TypeError, ValueError):
+            raise ValueError(f"mlc.serve.ray:app_builder: {key}={value!r} is not of type "
+                             f"{known[key].__name__}.") from None
+    device = values.get("device") or "auto"
+    gpus = values.get("replica_gpus")
+    options = ReplicaOptions(
+        num_replicas=values.get("replicas", 1), max_replicas=values.get("max_replicas"),
+        num_cpus=values.get("replica_cpus", 1.0),
+        num_gpus=gpus if gpus is not None else (1.0 if device.startswith("cuda") else 0.0),
+        tvm_threads=values.get("tvm_threads"),
+        target_ongoing_requests=values.get("target_ongoing_requests"),
+        max_ongoing_requests=values.get("max_ongoing_requests"),
+        request_router_class=values.get("request_router_class"))
+    return build_app(model, options,
+                     engine_kwargs={k: v for k, v in values.items() if k in _ENGINE_ARGS},
+                     **{k: v for k, v in values.items() if k in _APP_ARGS})
+
+
 # ---------------------------------------------------------------------------------------------
 # `mlc serve --ray`
 
@@ -417,6 +469,6 @@ class _Attempt:
             pass
 
 
-__all__ = ["ReplicaOptions", "build_app", "serve_on_ray", "deployment_options", "proxy_middlewares",
+__all__ = ["ReplicaOptions", "build_app", "app_builder", "serve_on_ray", "deployment_options", "proxy_middlewares",
            "ReplicaFailureMiddleware", "PROXY_CALLBACK", "PROXY_CALLBACK_ENV", "REPLICA_HEADER",
            "ATTEMPTS_HEADER"]
