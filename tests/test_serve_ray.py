@@ -131,6 +131,7 @@ def _complete(client: openai.OpenAI, prompt: str, max_tokens: int, stream: bool)
             model=MODEL, prompt=prompt, max_tokens=max_tokens, stream=stream,
             extra_body={"ignore_eos": True})
         out["replica"] = raw.headers.get_list("x-mlc-replica")
+        out["attempts"] = raw.headers.get("x-mlc-attempts")
         if not stream:
             c = raw.parse()
             out.update(ok=True, ids={c.id}, text=c.choices[0].text,
@@ -200,6 +201,7 @@ def test_sigkill_a_replica_mid_run(ray_server):
                 model=MODEL, prompt=f"Once upon a time {i}", max_tokens=1900, stream=True,
                 extra_body={"ignore_eos": True})
             out["replica"] = raw.headers.get_list("x-mlc-replica")
+            out["attempts"] = raw.headers.get("x-mlc-attempts")
             for n, chunk in enumerate(raw.parse()):
                 if n == 0:
                     first_chunks.release()
@@ -259,3 +261,7 @@ def test_sigkill_a_replica_mid_run(ray_server):
                     and {r["replica"][0] for r in rs} - seen_before:
                 break
         time.sleep(1)
+    retried = sum(1 for r in results if int(r.get("attempts") or 1) > 1)
+    print(f"\nkill: {cut} streams cut, {retried} requests retried on the other replica, "
+          f"{sum(1 for r in results if r.get('ok'))}/{len(results)} completed; replaced "
+          f"and serving on both in {time.monotonic() - t_kill:.1f} s")

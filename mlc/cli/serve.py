@@ -97,7 +97,8 @@ def serve(model: str, model_lib: str | None, device: str, mode: str, host: str, 
         ("--replica-cpus", replica_cpus), ("--replica-gpus", replica_gpus),
         ("--ray-address", ray_address), ("--ray-temp-dir", ray_temp_dir)) if value]
     if ray_only:
-        raise click.UsageError(f"{', '.join(ray_only)} only apply with --ray.")
+        raise click.UsageError(f"{', '.join(ray_only)} only appl"
+                               f"{'y' if len(ray_only) > 1 else 'ies'} with --ray.")
     from mlc.runtime.engine import AsyncMLCEngine
     from mlc.serve.app import create_app
     from mlc.serve.server import run_server
