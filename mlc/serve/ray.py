@@ -297,7 +297,6 @@ def serve_on_ray(model: str, engine_kwargs: dict[str, Any], limits: dict[str, in
             p for p in (src, os.environ.get("PYTHONPATH")) if p)
         cores = os.cpu_count() or 1
         ray.init(address="local", _temp_dir=str(Path(temp_dir).resolve()), num_cpus=cores,
-                 _node_ip_address="127.0.0.1",
                  include_dashboard=False, object_store_memory=256 * 2**20,
                  logging_level=log_level.upper(), log_to_driver=log_level == "debug")
         cpus = replica_cpus or max(cores / count, 0.01)
