@@ -187,6 +187,9 @@ def deployment_options(options: ReplicaOptions, engine_kwargs: dict[str, Any],
         "health_check_period_s": options.health_check_period_s,
         "health_check_timeout_s": options.health_check_timeout_s,
         "graceful_shutdown_timeout_s": 10,
+        # A replica that cannot load the model (a wrong path, too little memory) fails the
+        # deployment after a few tries instead of Serve's default of 20 per replica.
+        "max_constructor_retry_count": 3,
     }
     if options.max_replicas is not None:
         low = max(1, options.num_replicas)
@@ -298,7 +301,7 @@ def serve_on_ray(model: str, engine_kwargs: dict[str, Any], limits: dict[str, in
         cores = os.cpu_count() or 1
         ray.init(address="local", _temp_dir=str(Path(temp_dir).resolve()), num_cpus=cores,
                  include_dashboard=False, object_store_memory=256 * 2**20,
-                 logging_level=log_level.upper(), log_to_driver=log_level == "debug")
+                 logging_level=log_level.upper(), log_to_driver=log_level in ("info", "debug"))
         cpus = replica_cpus or max(cores / count, 0.01)
     else:
         ray.init(address=ray_address, logging_level=log_level.upper())
@@ -315,7 +318,11 @@ def serve_on_ray(model: str, engine_kwargs: dict[str, Any], limits: dict[str, in
         serve.start(http_options={"host": host, "port": port})
         app = build_app(model, options, engine_kwargs=engine_kwargs, api_key=api_key,
                         **limits)
-        serve.run(app, name=options.name, route_prefix="/", blocking=False)
+        try:
+            serve.run(app, name=options.name, route_prefix="/", blocking=False)
+        except RuntimeError as e:
+            raise click.ClickException(
+                f"The replicas did not start: {_deploy_failure(options.name) or e}") from None
         scale = (f"{replicas}-{max_replicas} replicas (autoscaling)" if max_replicas
                  else f"{replicas} replica{'s' if replicas > 1 else ''}")
         click.echo(f"Serving {model} on http://{host}:{port}/v1 with {scale} on Ray "
@@ -335,6 +342,25 @@ def serve_on_ray(model: str, engine_kwargs: dict[str, Any], limits: dict[str, in
             ray.shutdown()
             if made_temp:
                 shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _deploy_failure(app_name: str) -> str | None:
+    """The last error line of the failed deployment's status message (the replica's own
+    exception, e.g. mlc.errors.ModelLoadError: ...), if Serve has one."""
+    import re
+
+    from ray import serve
+
+    try:
+        status = serve.status().applications[app_name]
+    except Exception:  # noqa: BLE001 - no status to add
+        return None
+    for deployment in status.deployments.values():
+        lines = [ln.strip() for ln in (deployment.message or "").splitlines()]
+        errors = [ln for ln in lines if re.match(r"^[\w.]*(Error|Exception)\b.*:", ln)]
+        if errors:
+            return errors[-1]
+    return status.message or None
 
 
 # ---------------------------------------------------------------------------------------------
