@@ -160,7 +160,9 @@ def build_app(model: str, options: ReplicaOptions | None = None, *,
 
     options = options or ReplicaOptions()
     engine_kwargs = dict(engine_kwargs or {})
-    app_kwargs: dict[str, Any] = {"api_key": api_key, "enable_debug": enable_debug}
+    app_kwargs: dict[str, Any] = {"api_key": api_key}
+    if enable_debug:
+        app_kwargs["enable_debug"] = True
     if max_body_bytes is not None:
         app_kwargs["max_body_bytes"] = max_body_bytes
     if max_waiting_requests is not None:
