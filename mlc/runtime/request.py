@@ -59,6 +59,9 @@ class RequestOutput:
     error: Exception | None = None
     cached_tokens: int = 0
     """Prompt tokens whose KV entries came from the prefix cache (not computed)."""
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    """With `prompt_logprobs` set: each prompt token's logprob (None for the first), in the
+    request's first output."""
 
 
 class OutputSink(Protocol):
@@ -89,6 +92,8 @@ class Request:
         self.cached_tokens = 0              # prompt tokens reused from the prefix cache
         self.arrival = time.monotonic()
         self.first_token_time: float | None = None
+        self.prompt_logprobs: list[TokenLogprob | None] | None = None   # filled by prefill
+        self._prompt_logprobs_sent = False
 
     @property
     def finished(self) -> bool:
@@ -100,8 +105,12 @@ class Request:
 
     def output(self, deltas: list[ChoiceDelta]) -> RequestOutput:
         """This step's output of the request, with its token counts."""
+        prompt_logprobs = None
+        if self.prompt_logprobs is not None and not self._prompt_logprobs_sent:
+            prompt_logprobs, self._prompt_logprobs_sent = self.prompt_logprobs, True
         return RequestOutput(self.request_id, deltas, self.finished, len(self.prompt_ids),
-                             self.num_generated, cached_tokens=self.cached_tokens)
+                             self.num_generated, prompt_logprobs=prompt_logprobs,
+                             cached_tokens=self.cached_tokens)
 
 
 class Sequence:

@@ -220,8 +220,11 @@ class Scheduler:
             token_lists = [s.tokens for s in live] or [req.prompt_ids]
             # Where each sequence starts: a fork of the longest matching cached prefix or live
             # sequence (at least one token is always computed: its logits are sampled).
+            # (a request scoring its prompt, prompt_logprobs, computes it all the first time)
+            use_cache = self.prefix is not None and not (not req.seqs
+                                                         and req.config.prompt_logprobs)
             sources = [self.prefix.match(t[:-1], self._live_sequences())
-                       if self.prefix is not None else (None, 0) for t in token_lists]
+                       if use_cache else (None, 0) for t in token_lists]
             lengths = [len(s.tokens) for s in live] or [len(req.prompt_ids)] * n
             reused = [m for _, m in sources] + [0] * (len(lengths) - len(sources))
             need = sum(self.pages_for(t + 1) - m // self.kv.page_size

@@ -10,8 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from mlc.runtime.model_runner import ModelRunner
-from mlc.runtime.request import Sequence, StepCounters
+from mlc.runtime.request import Sequence, StepCounters, TokenLogprob
+from mlc.runtime.sampler import log_softmax
 from mlc.runtime.scheduler import ScheduledBatch, Scheduler, StepKind
 from mlc.runtime.tracing import Tracer
 
@@ -35,10 +38,19 @@ class PrefillAction:
         self.counters, self.tracer = counters, tracer
 
     def run(self, batch: ScheduledBatch) -> StepResult:
-        logits = self.runner.prefill_logits([s.seq_id for s in batch.seqs], batch.chunks)
+        seq_ids = [s.seq_id for s in batch.seqs]
+        scored = [s.config.prompt_logprobs for s in batch.seqs]
+        if any(scored):
+            logits, first_rows = self.runner.prefill_scored_logits(seq_ids, batch.chunks, scored)
+            last_rows = [first + (len(chunk) - 1 if score else 0)
+                         for first, chunk, score in zip(first_rows, batch.chunks, scored)]
+            score_prompts(logits.numpy(), batch, first_rows, scored)
+        else:
+            logits = self.runner.prefill_logits(seq_ids, batch.chunks)
+            last_rows = list(range(len(batch.seqs)))
         self.counters.prefill_tokens += sum(len(c) for c in batch.chunks)
         rows, seqs = [], []
-        for row, (seq, chunk) in enumerate(zip(batch.seqs, batch.chunks)):
+        for row, seq, chunk in zip(last_rows, batch.seqs, batch.chunks):
             seq.num_cached += len(chunk)
             self.tracer.event(seq.request.request_id, "prefill_chunk", tokens=len(chunk))
             if seq.pending:
@@ -50,6 +62,34 @@ class PrefillAction:
             rows.append(row)
             seqs.append(seq)
         return StepResult(logits, rows, seqs)
+
+
+def score_prompts(logits: np.ndarray, batch: ScheduledBatch, first_rows: list[int],
+                  scored: list[bool]) -> None:
+    """Record the logprob of each prompt token that a scored chunk's positions predict (the
+    row of position p scores token p + 1), with the request's top_logprobs alternatives."""
+    for seq, chunk, first, score in zip(batch.seqs, batch.chunks, first_rows, scored):
+        if not score:
+            continue
+        req = seq.request
+        prompt = req.prompt_ids
+        if req.prompt_logprobs is None:
+            req.prompt_logprobs = [None] * len(prompt)
+        start = seq.num_cached                        # the chunk's first position
+        n = min(len(chunk), len(prompt) - 1 - start)  # positions that predict a prompt token
+        if n <= 0:
+            continue
+        lp = log_softmax(logits[first:first + n])
+        top_k = seq.config.top_logprobs
+        for k in range(n):
+            target = prompt[start + k + 1]
+            top = []
+            if top_k:
+                ids = np.argpartition(-lp[k], top_k - 1)[:top_k]
+                ids = ids[np.argsort(-lp[k][ids], kind="stable")]
+                top = [(int(t), float(lp[k][t])) for t in ids]
+            req.prompt_logprobs[start + k + 1] = TokenLogprob(target, float(lp[k][target]),
+                                                              top)
 
 
 class DecodeAction:
