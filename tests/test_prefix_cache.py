@@ -133,3 +133,19 @@ def test_eviction_under_memory_pressure_never_corrupts_a_running_request(tiny, p
         assert_idle_and_freed(eng, initial)
     finally:
         eng.terminate()
+
+
+def test_prompt_logprobs_are_computed_even_when_the_prompt_is_cached(tiny):
+    eng = make_engine(tiny)
+    try:
+        prompt = SYSTEM + " The quick brown fox"
+        plain_run = eng.completions.create(prompt=prompt, max_tokens=2, temperature=0)
+        assert plain_run.usage.prompt_tokens_details.cached_tokens == 0
+        scored = eng.completions.create(prompt=prompt, echo=True, logprobs=1, max_tokens=0)
+        lp = scored.choices[0].logprobs.token_logprobs
+        assert lp[0] is None and all(v is not None for v in lp[1:])
+        assert scored.usage.prompt_tokens_details.cached_tokens == 0
+        assert eng.completions.create(prompt=prompt, max_tokens=2, temperature=0) \
+            .usage.prompt_tokens_details.cached_tokens == plain_run.usage.prompt_tokens - 1
+    finally:
+        eng.terminate()
