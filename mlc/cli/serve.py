@@ -33,6 +33,11 @@ HELP = {
                    "instead of starting a local Ray.",
     "ray_temp_dir": "With --ray and no --ray-address: the local Ray's temp dir (default: a new "
                     "dir under /tmp, removed on exit).",
+    "speculative_mode": "Speculative decoding: disable, ngram (prompt lookup) or small_draft "
+                        "(needs --additional-models).",
+    "spec_draft_length": "Most draft tokens verified per sequence and step (default 4).",
+    "additional_models": "The draft model of small_draft: MODEL or MODEL:LIB.",
+    "prefix_cache_mode": "radix: reuse the KV entries of shared prompt prefixes; disable.",
 }
 
 
@@ -70,13 +75,22 @@ HELP = {
               help=HELP["replica_gpus"])
 @click.option("--ray-address", default=None, help=HELP["ray_address"])
 @click.option("--ray-temp-dir", default=None, help=HELP["ray_temp_dir"])
+@click.option("--speculative-mode", default="disable", show_default=True,
+              type=click.Choice(["disable", "ngram", "small_draft"]),
+              help=HELP["speculative_mode"])
+@click.option("--spec-draft-length", type=int, default=None, help=HELP["spec_draft_length"])
+@click.option("--additional-models", multiple=True, help=HELP["additional_models"])
+@click.option("--prefix-cache-mode", default="radix", show_default=True,
+              type=click.Choice(["radix", "disable"]), help=HELP["prefix_cache_mode"])
 def serve(model: str, model_lib: str | None, device: str, mode: str, host: str, port: int,
           api_key: str | None, max_batch_size: int | None, max_total_seq_length: int | None,
           prefill_chunk_size: int | None, max_waiting_requests: int | None,
           max_body_bytes: int | None, served_model_name: str | None, log_level: str,
           verbose: bool, enable_tracing: bool, enable_debug: bool, use_ray: bool,
           replicas: int, max_replicas: int | None, replica_cpus: float | None,
-          replica_gpus: float | None, ray_address: str | None, ray_temp_dir: str | None) -> None:
+          replica_gpus: float | None, ray_address: str | None, ray_temp_dir: str | None,
+          speculative_mode: str, spec_draft_length: int | None,
+          additional_models: tuple[str, ...], prefix_cache_mode: str) -> None:
     """Serve MODEL over OpenAI's HTTP API (/v1/chat/completions, /v1/completions, /v1/models).
 
     MODEL: an MLC model dir, HF://org/repo, or SmolLM2-135M-Instruct.
@@ -85,7 +99,10 @@ def serve(model: str, model_lib: str | None, device: str, mode: str, host: str, 
                          max_batch_size=max_batch_size,
                          max_total_sequence_length=max_total_seq_length,
                          prefill_chunk_size=prefill_chunk_size, verbose=verbose,
-                         served_model_name=served_model_name, enable_tracing=enable_tracing)
+                         served_model_name=served_model_name, enable_tracing=enable_tracing,
+                         speculative_mode=speculative_mode, spec_draft_length=spec_draft_length,
+                         additional_models=list(additional_models),
+                         prefix_cache_mode=prefix_cache_mode)
     limits = {k: v for k, v in (("max_waiting_requests", max_waiting_requests),
                                 ("max_body_bytes", max_body_bytes)) if v is not None}
     limits["enable_debug"] = enable_debug          # create_app's options, per replica too

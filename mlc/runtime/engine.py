@@ -51,7 +51,9 @@ from mlc.runtime.tracing import Tracer
 from mlc.support.tensor_cache import numpy_dtype
 
 logger = logging.getLogger(__name__)
-SPECULATIVE_MODES = ("disable", "small_draft", "eagle")
+SPECULATIVE_MODES = ("disable", "ngram", "small_draft", "eagle")
+DEFAULT_SPEC_DRAFT_LENGTH = 4
+PREFIX_CACHE_MODES = ("radix", "disable")
 
 
 @dataclass
@@ -69,6 +71,7 @@ class EngineConfig:
     gpu_memory_utilization: float | None = None
     speculative_mode: str = "disable"
     spec_draft_length: int = 0
+    prefix_cache_mode: str = "radix"
     verbose: bool = False
 
 
@@ -82,7 +85,7 @@ class _EngineBase:
                  prefill_chunk_size: int | None = None, max_history_size: int | None = None,
                  gpu_memory_utilization: float | None = None,
                  speculative_mode: str = "disable", spec_draft_length: int | None = None,
-                 enable_tracing: bool = False, verbose: bool = False,
+                 prefix_cache_mode: str | None = None, enable_tracing: bool = False, verbose: bool = False,
                  served_model_name: str | None = None, sampling: str = "auto"):
         cfg = engine_config or EngineConfig()
         pick = lambda given, from_cfg: given if given is not None else from_cfg
@@ -92,17 +95,29 @@ class _EngineBase:
         if speculative_mode not in SPECULATIVE_MODES:
             raise ModelLoadError(f"speculative_mode must be one of {SPECULATIVE_MODES}, got "
                                  f"{speculative_mode!r}.", param="speculative_mode")
-        if speculative_mode != "disable":
+        if speculative_mode == "eagle":
             raise ModelLoadError(
-                f"speculative_mode={speculative_mode!r} is not implemented in mlc yet; use "
-                "speculative_mode='disable'.", param="speculative_mode")
+                "speculative_mode='eagle' is not implemented in mlc yet; use 'small_draft' "
+                "(a draft model in additional_models), 'ngram' (prompt lookup, no draft "
+                "model) or 'disable'.", param="speculative_mode")
+        self.speculative_mode = speculative_mode
+        prefix_cache_mode = pick(prefix_cache_mode, cfg.prefix_cache_mode)
+        if prefix_cache_mode not in PREFIX_CACHE_MODES:
+            raise ModelLoadError(f"prefix_cache_mode must be one of {PREFIX_CACHE_MODES}, got "
+                                 f"{prefix_cache_mode!r}.", param="prefix_cache_mode")
+        self.prefix_cache_mode = prefix_cache_mode
         if sampling not in SAMPLING_PATHS:
             raise ModelLoadError(f"sampling must be one of {SAMPLING_PATHS}, got {sampling!r}.",
                                  param="sampling")
         self.additional_models = additional_models or cfg.additional_models
         self.max_history_size = pick(max_history_size, cfg.max_history_size)
-        self.spec_draft_length = pick(spec_draft_length, cfg.spec_draft_length)
+        self.spec_draft_length = pick(spec_draft_length, cfg.spec_draft_length) \
+            or DEFAULT_SPEC_DRAFT_LENGTH
+        if self.spec_draft_length < 0:
+            raise ModelLoadError(f"spec_draft_length must be positive, got "
+                                 f"{self.spec_draft_length}.", param="spec_draft_length")
         self.verbose = verbose or cfg.verbose
+        self.device_arg = device
         kind, dev = parse_runtime_device(device)
         self.model_dir = resolve_model(model, quiet=not self.verbose, device_kind=kind)
         self.model_id = served_model_name or _model_id(self.model_arg, self.model_dir)
@@ -136,8 +151,55 @@ class _EngineBase:
         self.tokenizer = _load_tokenizer(self.model_dir)
         self.tracer = Tracer(enabled=enable_tracing)
         sampler = DeviceSampler(self.model) if self.sampling_path == "device" else HostSampler()
-        self._core = EngineCore(self.model, self.limits, sampler, self.tracer, self.model_id)
+        self._core = EngineCore(self.model, self.limits, sampler, self.tracer, self.model_id,
+                                prefix_cache=prefix_cache_mode == "radix",
+                                speculation=self._speculation())
         self._terminated = False
+
+    def _speculation(self):
+        """(drafter, draft length) of the speculative mode, or None."""
+        from mlc.runtime.speculation import ModelDrafter, NgramDrafter
+
+        if self.speculative_mode == "ngram":
+            return NgramDrafter(), self.spec_draft_length
+        if self.speculative_mode == "small_draft":
+            return (ModelDrafter(self._load_draft_model(), self.limits.prefill_chunk_size),
+                    self.spec_draft_length)
+        return None
+
+    def _load_draft_model(self) -> LoadedModel:
+        """The draft model of small_draft: additional_models[0], "model_path" or
+        "model_path:model_lib" (or a (path, lib) pair), its library compiled on demand
+        when absent; same vocabulary as the target, same device, its own KV cache."""
+        if not self.additional_models:
+            raise ModelLoadError(
+                "speculative_mode='small_draft' needs a draft model: pass "
+                "additional_models=['DRAFT_MODEL'] (or 'DRAFT_MODEL:DRAFT_LIB').",
+                param="additional_models")
+        spec = self.additional_models[0]
+        if isinstance(spec, (tuple, list)):
+            path, lib = spec
+        else:
+            path, lib = str(spec), None
+            if ":" in path and not path.startswith("HF://"):
+                path, lib = path.split(":", 1)
+        kind, dev = parse_runtime_device(self.device_arg)
+        draft_dir = resolve_model(path, quiet=not self.verbose, device_kind=kind)
+        if lib is None:
+            from mlc.runtime.jit import find_or_build_library
+
+            lib = find_or_build_library(draft_dir, kind, dev, quiet=not self.verbose)
+        draft = LoadedModel(draft_dir, lib, self.device_arg)
+        if draft.vocab_size != self.model.vocab_size:
+            raise ModelLoadError(
+                f"The draft model {path} has a vocabulary of {draft.vocab_size} tokens and the "
+                f"target {self.model.vocab_size}: a draft must share the target's tokenizer.",
+                param="additional_models")
+        plan = self.memory_plan
+        draft.create_kv_cache(KVCacheConfig(
+            plan.max_batch_size, plan.max_total_sequence_length, plan.prefill_chunk_size))
+        self.draft_model = draft
+        return draft
 
     # -- the public interface beyond create --------------------------------------------
     def is_alive(self) -> bool:
@@ -349,9 +411,10 @@ class _EngineBase:
 
     @staticmethod
     def _usage(out: RequestOutput) -> P.CompletionUsage:
-        return P.CompletionUsage(prompt_tokens=out.prompt_tokens,
-                                 completion_tokens=out.completion_tokens,
-                                 total_tokens=out.prompt_tokens + out.completion_tokens)
+        return P.CompletionUsage(
+            prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens,
+            total_tokens=out.prompt_tokens + out.completion_tokens,
+            prompt_tokens_details=P.PromptTokensDetails(cached_tokens=out.cached_tokens))
 
     def _chat_chunks(self, req, out: RequestOutput, rid: str, created: int,
                      state: _StreamState, use_tools: bool) -> list[P.ChatCompletionChunk]:

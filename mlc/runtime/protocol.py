@@ -646,12 +646,19 @@ class Choice(BaseModel):
     message: ChatCompletionMessage
 
 
+class PromptTokensDetails(BaseModel):
+    """OpenAI's breakdown of the prompt tokens: those served from the prefix cache."""
+
+    cached_tokens: int = 0
+
+
 class CompletionUsage(BaseModel):
     """Token counts of a request; `extra` holds mlc's metrics (e.g. timings)."""
 
     completion_tokens: int = 0
     prompt_tokens: int = 0
     total_tokens: int = 0
+    prompt_tokens_details: PromptTokensDetails | None = None
     extra: dict[str, Any] | None = None
 
 

@@ -72,7 +72,9 @@ def _use_mlc_cuda_kernels(x: Tensor) -> bool:
 
 def _extern_linear(func: str, x: Tensor, weights: list[Tensor], out_features: int,
                    out_dtype: str) -> Tensor:
-    """y = x W^T through a registered CUDA function on [rows, K] views of x and y."""
+    """y = x W^T through mlc's CUDA kernel `func` on [rows, K] views of x and y."""
+    from mlc.compiler.cuda_support import kernel_function
+
     *lead, k = x.shape
     rows = 1
     for d in lead:
@@ -80,7 +82,7 @@ def _extern_linear(func: str, x: Tensor, weights: list[Tensor], out_features: in
     x2 = op.reshape(x, (rows, k))
     out_dtype = "float32" if out_dtype == "float32" else "float16"
     y = Tensor(_expr=rx.BlockBuilder.current().emit(rx.call_dps_packed(
-        func, [x2._expr, *[w._expr for w in weights]],
+        kernel_function(func), [x2._expr, *[w._expr for w in weights]],
         out_ty=rx.TensorType((rows, out_features), out_dtype))))
     return op.reshape(y, (*lead, out_features))
 
@@ -89,7 +91,7 @@ def q4_linear(x: Tensor, q_weight: Tensor, q_scale: Tensor, in_features: int,
               out_dtype: str) -> Tensor:
     """The fused dequantize-matmul as one Relax op (also used for tied lm_heads)."""
     if _use_mlc_cuda_kernels(x) and in_features % GROUP_SIZE == 0:
-        return _extern_linear("mlc.cuda.q4_matmul", x, [q_weight, q_scale],
+        return _extern_linear("q4_matmul", x, [q_weight, q_scale],
                               q_weight.shape[0], out_dtype)
     return op.tensor_expr_op(
         lambda a, w, s: _q4_matmul_nt(a, w, s, in_features, out_dtype),
@@ -129,7 +131,7 @@ class Linear(nn.Module):
     def forward(self, x: Tensor, out_dtype: str | None = None) -> Tensor:
         out_dtype = out_dtype or x.dtype
         if _use_mlc_cuda_kernels(x):
-            return _extern_linear("mlc.cuda.f16_matmul", x, [self.weight], self.out_features,
+            return _extern_linear("f16_matmul", x, [self.weight], self.out_features,
                                   out_dtype)
         y = op.matmul(x, op.permute_dims(self.weight), out_dtype="float32")
         return y if out_dtype == "float32" else y.astype(out_dtype)
@@ -148,7 +150,7 @@ class Embedding(nn.Module):
 
     def lm_head(self, x: Tensor, out_dtype: str = "float32") -> Tensor:
         if _use_mlc_cuda_kernels(x):
-            return _extern_linear("mlc.cuda.f16_matmul", x, [self.weight], self.num, out_dtype)
+            return _extern_linear("f16_matmul", x, [self.weight], self.num, out_dtype)
         y = op.matmul(x, op.permute_dims(self.weight), out_dtype="float32")
         return y if out_dtype == "float32" else y.astype(out_dtype)
 
