@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 from helpers import build_lib, make_tiny_llama, write_mlc_dir
-from test_engine import LONG_PROMPT, OTHER_PROMPTS, assert_idle_and_freed, chat, stream_text
+from test_engine import LONG_PROMPT, OTHER_PROMPTS, assert_idle_and_freed, stream_text
 
 from mlc.errors import ModelLoadError
 from mlc.runtime.engine import MLCEngine
