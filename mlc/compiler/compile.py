@@ -230,9 +230,12 @@ def build_library(info, config, chat, quantization, dev: DeviceTarget, opt: str)
     import tvm
     from tvm import relax
 
+    from mlc.compiler import cuda_support
+    from mlc.models.layers import extern_cuda_kernels
+
     target = dev.tvm_target()
     model = info.build(config, quantization)
-    with target:
+    with target, extern_cuda_kernels(cuda_support.cuda_kernels_enabled(dev)):
         mod, named_params = model.export_tvm(spec=model.get_default_spec(target.kind.name))
     metadata = library_metadata(chat, config, quantization, named_params, dev, opt)
     mod = _attach_shape_bounds(mod, config)

@@ -108,9 +108,9 @@ class Config:
 from tvm.relax.frontend import nn  # noqa: E402
 from tvm.relax.frontend.nn import Tensor, op  # noqa: E402
 
-from mlc.compiler.quantization.nn_layers import make_embedding, make_linear  # noqa: E402
-from mlc.compiler.tensor_parallel import check_shards  # noqa: E402
 from mlc.models.common import CausalLMBase, create_kv_cache  # noqa: E402
+from mlc.models.layers import make_embedding, make_linear  # noqa: E402
+from mlc.models.sharding import check_shards  # noqa: E402
 
 
 class Attention(nn.Module):

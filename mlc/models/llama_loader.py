@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from mlc.compiler.tensor_parallel import ShardSpec
 from mlc.models.registry import ParamMap
+from mlc.models.sharding import ShardSpec
 
 
 def _concat_rows(arrays: list[np.ndarray]) -> np.ndarray:
