@@ -228,8 +228,7 @@ def apply_rope(x: Tensor, positions: Tensor, theta: float, rotary_dim: int | Non
     For models that apply RoPE themselves (KV cache with RopeMode.NONE)."""
     import numpy as np
 
-    b, s, h, d = x.shape
-    rd = rotary_dim or int(d)
+    rd = rotary_dim or int(x.shape[-1])
     half = rd // 2
     # transformers' inverse frequencies, bit for bit: 1 / theta ** (2i / rd) in float32
     inv_freq = (1.0 / (np.float32(theta) ** (np.arange(0, rd, 2, dtype=np.float32)
@@ -238,6 +237,8 @@ def apply_rope(x: Tensor, positions: Tensor, theta: float, rotary_dim: int | Non
     scale = 1.0 / position_scale
 
     def rope(x, pos, inv):
+        s = x.shape[1]             # the TE tensor's own (symbolic) sequence length
+
         def value(bi, si, hi, di):
             p = pos[bi * s + si].astype("float32")
             if scale != 1.0:

@@ -107,6 +107,10 @@ MODELS: dict[str, ModelInfo] = {
     "llama": ModelInfo("llama", "mlc.models.llama", "mlc.models.llama_loader", ("llama",)),
     "mistral": ModelInfo("mistral", "mlc.models.llama", "mlc.models.llama_loader",
                          ("mistral",)),
+    "phi": ModelInfo("phi", "mlc.models.phi"),                          # Phi-1, 1.5, 2
+    "qwen2": ModelInfo("qwen2", "mlc.models.qwen2", gguf_archs=("qwen2",)),  # Qwen2, 2.5
+    "qwen3": ModelInfo("qwen3", "mlc.models.qwen3", gguf_archs=("qwen3",)),
+    "gemma3_text": ModelInfo("gemma3_text", "mlc.models.gemma3", gguf_archs=("gemma3",)),
 }
 
 
