@@ -244,10 +244,21 @@ from mlc.models.common import CausalLMBase, RopeMode, apply_rope, create_kv_cach
 from mlc.models.layers import make_embedding, make_linear  # noqa: E402
 
 
-def _rms_norm(size: int, config: Config, quantization) -> nn.Module:
-    # the weight holds Gemma's 1 + w (added at conversion)
-    return nn.RMSNorm(size, -1, config.rms_norm_eps, bias=False,
-                      dtype=quantization.model_dtype)
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32 whatever the model dtype, as transformers computes Gemma's,
+    returning `out_dtype` (default: the input's). The weight holds Gemma's 1 + w (added at
+    conversion)."""
+
+    def __init__(self, size: int, config: Config, quantization):
+        super().__init__()
+        self.eps = config.rms_norm_eps
+        self.weight = nn.Parameter((size,), quantization.model_dtype)
+
+    def forward(self, x: Tensor, out_dtype: str | None = None) -> Tensor:
+        out_dtype = out_dtype or x.dtype
+        x32 = x if x.dtype == "float32" else x.astype("float32")
+        y = op.rms_norm(x32, self.weight.astype("float32"), axes=-1, epsilon=self.eps)
+        return y if out_dtype == "float32" else y.astype(out_dtype)
 
 
 class Attention(nn.Module):
@@ -260,8 +271,8 @@ class Attention(nn.Module):
         self.k_proj = make_linear(config.hidden_size, hkv * d, quantization)
         self.v_proj = make_linear(config.hidden_size, hkv * d, quantization)
         self.o_proj = make_linear(hq * d, config.hidden_size, quantization)
-        self.q_norm = _rms_norm(d, config, quantization)
-        self.k_norm = _rms_norm(d, config, quantization)
+        self.q_norm = RMSNorm(d, config, quantization)
+        self.k_norm = RMSNorm(d, config, quantization)
         self.scale = config.query_pre_attn_scalar ** -0.5
         # each kind of layer rotates with its own theta (the KV cache does not rotate)
         self.theta = config.rope_local_theta if sliding else config.rope_theta
@@ -295,37 +306,47 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    """The sandwich: norm, attention, norm, add; norm, MLP, norm, add. The residual stream x
+    is float32 whatever the model dtype: Gemma 3's reaches ~1e5 (Gemma 3 270M, a short chat
+    prompt), beyond float16 (q4f16_1 gave NaN). Attention and the MLP run in the model dtype
+    on normalized inputs, and their outputs are normalized again before they are added."""
+
     def __init__(self, config: Config, quantization, sliding: bool):
         super().__init__()
         h = config.hidden_size
-        self.input_layernorm = _rms_norm(h, config, quantization)
+        self.dtype = quantization.model_dtype
+        self.input_layernorm = RMSNorm(h, config, quantization)
         self.self_attn = Attention(config, quantization, sliding)
-        self.post_attention_layernorm = _rms_norm(h, config, quantization)
-        self.pre_feedforward_layernorm = _rms_norm(h, config, quantization)
+        self.post_attention_layernorm = RMSNorm(h, config, quantization)
+        self.pre_feedforward_layernorm = RMSNorm(h, config, quantization)
         self.mlp = MLP(config, quantization)
-        self.post_feedforward_layernorm = _rms_norm(h, config, quantization)
+        self.post_feedforward_layernorm = RMSNorm(h, config, quantization)
 
     def forward(self, x: Tensor, positions: Tensor, kv_cache, layer_id: int) -> Tensor:
-        attn = self.self_attn(self.input_layernorm(x), positions, kv_cache, layer_id)
-        x = x + self.post_attention_layernorm(attn)
-        mlp = self.mlp(self.pre_feedforward_layernorm(x))
-        return x + self.post_feedforward_layernorm(mlp)
+        attn = self.self_attn(self.input_layernorm(x, self.dtype), positions, kv_cache,
+                              layer_id)
+        x = x + self.post_attention_layernorm(attn, "float32")
+        mlp = self.mlp(self.pre_feedforward_layernorm(x, self.dtype))
+        return x + self.post_feedforward_layernorm(mlp, "float32")
 
 
 class TextModel(nn.Module):
     def __init__(self, config: Config, quantization):
         super().__init__()
+        self.dtype = quantization.model_dtype
         self.embed_tokens = make_embedding(config.vocab_size, config.hidden_size, quantization)
         self.layers = nn.ModuleList([DecoderLayer(config, quantization, k == "mha_sliding")
                                      for k in config.attention_kinds()])
-        self.norm = _rms_norm(config.hidden_size, config, quantization)
+        self.norm = RMSNorm(config.hidden_size, config, quantization)
 
     def forward(self, x: Tensor, kv_cache) -> Tensor:
         b, s, _ = x.shape
         positions = kv_cache.get_query_positions(b * s)   # each token's place in its sequence
+        if x.dtype != "float32":
+            x = x.astype("float32")                        # the residual stream: float32
         for layer_id, layer in enumerate(self.layers):
             x = layer(x, positions, kv_cache, layer_id)
-        return self.norm(x)
+        return self.norm(x, self.dtype)
 
 
 class LanguageModel(nn.Module):
