@@ -440,3 +440,15 @@ def test_seed_example_phi2(tmp_path, monkeypatch, capsys):
         ref = hf_greedy(ref_model, prompt, 8)
         assert made == 8 or out.choices[0].finish_reason == "stop"
         assert out.choices[0].text == engine.tokenizer.decode(ref[:made])
+
+
+def test_presets_resolve_to_their_architecture():
+    """`mlc bench --model-config NAME --dummy` presets: each resolves through its own file."""
+    from mlc.models.presets import PRESETS
+    from mlc.models.registry import get_model
+
+    for name, hf in PRESETS.items():
+        config = get_model(hf["model_type"]).config_from_hf(hf)
+        assert config.vocab_size == hf["vocab_size"], name
+    assert get_model("gemma3_text").config_from_hf(PRESETS["gemma3-1b"]).attention_kinds() \
+        == (["mha_sliding"] * 5 + ["mha"]) * 4 + ["mha_sliding"] * 2
