@@ -18,7 +18,8 @@ from helpers import REPO, TEST_CACHE_DIR
 # The code that decides what `mlc convert` writes: a change here re-converts cached dirs.
 _CONVERTER_SOURCES = ("mlc/compiler/convert.py", "mlc/compiler/quantization/__init__.py",
                       "mlc/compiler/quantization/group_quant.py", "mlc/compiler/sources",
-                      "mlc/models", "mlc/support/tensor_cache.py", "mlc/support/chat_config.py")
+                      "mlc/models", "mlc/support/tensor_cache.py", "mlc/support/chat_config.py",
+                      "mlc/support/embedded_models.py")
 
 
 def converter_digest() -> str:

@@ -46,7 +46,10 @@ SPECS = {
                                               sliding_window=8, max_window_layers=1)),
     "qwen3": ("qwen3", "q0f32", {}),
     "gemma3": ("gemma3", "q0f32", {}),                     # window 8: below a page
-    "gemma3_w24": ("gemma3", "q0f32", dict(sliding_window=24)),  # above a page
+    # a window above a page, and the global layers' RoPE with "linear" scaling
+    "gemma3_w24": ("gemma3", "q0f32", dict(sliding_window=24, rope_parameters={
+        "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 100000.0},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}})),
     "phi_q4": ("phi", "q4f16_1", {}),
     "qwen2_q4": ("qwen2", "q4f16_1", {}),
     "qwen3_q4": ("qwen3", "q4f16_1", {}),
