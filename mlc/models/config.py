@@ -118,9 +118,20 @@ def rope_params(hf: dict[str, Any], layer_type: str | None = None) -> dict[str, 
     return out
 
 
-def rope_scaling_of(params: dict[str, Any]) -> dict[str, Any] | None:
-    """The scaling part of `rope_params` (None for plain RoPE), as TVM's KV cache takes it."""
-    if params.get("rope_type", "default") == "default":
+# RoPE variants mlc lets TVM 0.27's KV cache compute (`switch_rope_freq_func`), those tested
+# against transformers. The cache also has yarn and longrope, untested here (longrope needs
+# extension factors mlc does not pass).
+KV_CACHE_ROPE_TYPES = ("default", "llama3")
+
+
+def rope_scaling_of(params: dict[str, Any], arch: str = "this architecture") -> dict | None:
+    """The scaling part of `rope_params` (None for plain RoPE), as TVM's KV cache takes it;
+    a variant the cache cannot compute is a ConvertError naming those it can."""
+    rope_type = params.get("rope_type", "default")
+    if rope_type not in KV_CACHE_ROPE_TYPES:
+        raise ConvertError(f"{arch} with rope_type={rope_type!r} is not supported; the KV "
+                           f"cache computes {', '.join(KV_CACHE_ROPE_TYPES)}.", param="source")
+    if rope_type == "default":
         return None
     return {k: v for k, v in params.items() if k != "rope_theta"}
 

@@ -44,7 +44,7 @@ class Config(ModelConfig):
             num_hidden_layers=hf["num_hidden_layers"],
             num_key_value_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
             vocab_size=hf["vocab_size"], rms_norm_eps=hf.get("rms_norm_eps", 1e-5),
-            rope_theta=rope.get("rope_theta", 10000.0), rope_scaling=rope_scaling_of(rope),
+            rope_theta=rope.get("rope_theta", 10000.0), rope_scaling=rope_scaling_of(rope, "Llama"),
             head_dim=hf.get("head_dim") or 0,
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             context_window_size=ctx, prefill_chunk_size=min(2048, ctx),

@@ -64,7 +64,7 @@ class Config(ModelConfig):
             num_key_value_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
             vocab_size=hf["vocab_size"], head_dim=hf.get("head_dim") or 0,
             rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-            rope_theta=rope.get("rope_theta", 1000000.0), rope_scaling=rope_scaling_of(rope),
+            rope_theta=rope.get("rope_theta", 1000000.0), rope_scaling=rope_scaling_of(rope, arch),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             context_window_size=ctx, prefill_chunk_size=min(2048, ctx),
             sliding_window_size=hf["sliding_window"] if SLIDING in types else -1,
