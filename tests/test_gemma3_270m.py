@@ -13,7 +13,6 @@ import time
 
 import numpy as np
 import pytest
-from conftest import converter_digest
 from helpers import build_lib, dequantized_hf_model, hf_logits, load_model, max_rel_diff
 
 from mlc.support.embedded_models import GEMMA3_270M
@@ -71,23 +70,9 @@ def reference(gguf_path, test_cache_dir):
 
 
 @pytest.fixture(scope="module")
-def converted(test_cache_dir):
-    """A factory: converted("q0f32") -> `mlc convert gemma3-270m` into the test cache (once
-    per converter version)."""
-    from mlc.compiler.convert import convert
-    from mlc.errors import ConvertError
-
-    def get(quantization: str):
-        out = test_cache_dir / "converted" / f"gemma3-270m-{quantization}-{converter_digest()}"
-        if not (out / "mlc-chat-config.json").exists():
-            try:
-                convert(GEMMA3_270M.name, quantization, out, overwrite=out.exists(), quiet=True)
-            except ConvertError:
-                if not (out / "mlc-chat-config.json").exists():
-                    raise
-        return out
-
-    return get
+def converted(gemma3_270m_dir):
+    """A factory: converted("q0f32") -> `mlc convert gemma3-270m` into the test cache."""
+    return gemma3_270m_dir
 
 
 def _prompt_ids(mlc_dir, messages) -> list[int]:
