@@ -357,6 +357,7 @@ def test_config_names_the_missing_fields(model_type):
 
 def test_config_refusals_and_aliases():
     from mlc.models import gemma3, phi, qwen2
+    from mlc.models.registry import get_model
 
     base = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4,
                 num_hidden_layers=6, vocab_size=320)
@@ -364,6 +365,8 @@ def test_config_refusals_and_aliases():
         gemma3.Config.from_hf({**base, "attn_logit_softcapping": 50.0})
     with pytest.raises(ConvertError, match="multimodal"):
         gemma3.Config.from_hf({"model_type": "gemma3", "text_config": base})
+    with pytest.raises(ConvertError, match="multimodal Gemma 3.*gemma3_text"):
+        get_model("gemma3")
     with pytest.raises(ConvertError, match="qk_layernorm"):
         phi.Config.from_hf({**base, "qk_layernorm": True})
     with pytest.raises(ConvertError, match="hidden_act"):

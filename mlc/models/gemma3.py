@@ -14,6 +14,8 @@ What sets it apart from Llama:
     cache rotates with one theta for all layers, so this model rotates q and k itself
     (`apply_rope`) and builds its cache with RopeMode.NONE;
   * the MLP is GeGLU (gelu_pytorch_tanh(gate) * up);
+  * the residual stream and every RMSNorm are float32 whatever the model dtype: Gemma 3's
+    activations reach ~1e5, beyond float16 (q4f16_1 gave NaN otherwise);
   * logits are soft-capped (cap * tanh(logits / cap)) when `final_logit_softcapping` is set.
     Attention-score soft-capping (Gemma 2's) cannot be expressed in TVM's attention kernels;
     no Gemma 3 checkpoint uses it, and a config that asks for it is refused.

@@ -114,13 +114,22 @@ MODELS: dict[str, ModelInfo] = {
 }
 
 
+# Architectures users bring that mlc does not run, and what to do instead.
+NOT_SUPPORTED = {
+    "gemma3": "multimodal Gemma 3 (4B, 12B, 27B: vision + text) is not supported; mlc runs "
+              "the text-only gemma3_text checkpoints (270M, 1B)",
+    "phi3": "Phi-3 is not supported yet (phi runs Phi-1, 1.5 and 2)",
+}
+
+
 def get_model(model_type: str) -> ModelInfo:
     """Look up an architecture, or raise an error listing the supported ones."""
     try:
         return MODELS[model_type]
     except KeyError:
+        hint = f"{NOT_SUPPORTED[model_type]}. " if model_type in NOT_SUPPORTED else ""
         raise ConvertError(
-            f"Unsupported architecture model_type={model_type!r}. "
+            f"Unsupported architecture model_type={model_type!r}: {hint}"
             f"Supported: {', '.join(sorted(MODELS))}.", param="model_type") from None
 
 
