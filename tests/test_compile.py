@@ -344,7 +344,7 @@ def test_metadata(tiny, name):
     assert meta["context_window_size"] == cfg.max_position_embeddings
     assert meta["kv_cache"] == {"num_hidden_layers": 2, "num_key_value_heads": 2,
                                 "head_dim": 16, "page_size": 16,
-                                "dtype": meta["model_dtype"]}
+                                "dtype": meta["model_dtype"], "sliding_layers": 0}
     assert isinstance(meta["activation_bytes"], int) and meta["activation_bytes"] > 0
     records = TensorCache(b.mlc_dir).records
     assert [p["name"] for p in meta["params"]] == list(records)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import click
 
 HELP = {
-    "model": "An MLC model dir, HF://org/repo, or SmolLM2-135M-Instruct (the embedded model).",
+    "model": "An MLC model dir, HF://org/repo, or an embedded model (SmolLM2-135M-Instruct, "
+             "gemma3-270m).",
     "model_lib": "The compiled model library (.so); compiled on demand and cached if omitted.",
     "device": 'Device: "auto", "cpu", "cuda", "cuda:1", ...',
     "mode": "Engine mode setting default limits: local, interactive or server.",
