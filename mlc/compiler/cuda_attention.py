@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import os
 
-# TVM's kernel (its name in the module) -> mlc's registered global function
+from mlc.compiler.cuda_support import kernel_function
+
+# TVM's kernel (its name in the module) -> mlc's kernel (`cuda_support.kernel_function`)
 REPLACED = {
-    "batch_prefill_ragged_kv": "mlc.cuda.attn_prefill_ragged",
-    "batch_prefill_paged_kv": "mlc.cuda.attn_prefill_paged",
-    "batch_decode_paged_kv": "mlc.cuda.attn_decode_paged",
+    "batch_prefill_ragged_kv": "attn_prefill_ragged",
+    "batch_prefill_paged_kv": "attn_prefill_paged",
+    "batch_decode_paged_kv": "attn_decode_paged",
 }
 HEAD_DIMS = (64, 128)
 
@@ -45,7 +47,8 @@ def use_mlc_attention():
             if (len(fields) == 2 and isinstance(fields[0], tvm.ir.StringImm)
                     and fields[0].value == "tirx" and isinstance(fields[1], tvm.ir.GlobalVar)
                     and fields[1].name_hint in REPLACED):
-                return relax.Tuple([fields[0], relax.ExternFunc(REPLACED[fields[1].name_hint])])
+                name = kernel_function(REPLACED[fields[1].name_hint])
+                return relax.Tuple([fields[0], relax.ExternFunc(name)])
             return op
 
     @tvm.transform.module_pass(opt_level=0, name="mlc_use_cuda_attention")

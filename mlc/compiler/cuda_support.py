@@ -1,8 +1,15 @@
 """CUDA specifics of building: mlc's own CUDA kernels (q4 GEMV/GEMM, cuBLAS, attention).
 
 Every `cuda_kernels/*.cu` is compiled with nvcc into an object that is linked into every CUDA
-model library, so the library registers `mlc.cuda.*` itself when TVM loads it. Without nvcc
+model library, so the library registers its kernels itself when TVM loads it. Without nvcc
 the library still builds, with TVM-generated kernels only (and says so).
+
+Several libraries load into one process (a target model and its draft): each library calls
+its kernels as `mlc.cuda.<KERNEL_DIGEST>.<name>` (`kernel_function`), the digest naming the
+kernel sources, so libraries built from different kernel code never call each other's, and
+libraries with identical code share one registration (`RegisterKernel` in cuda_check.h:
+registered once, a second registration skipped, the registering library pinned in memory).
+`mlc.cuda.<name>` is also registered, by the first library only, for benchmarks and tests.
 """
 
 from __future__ import annotations
@@ -66,6 +73,22 @@ def kernel_sources() -> list[Path]:
     return sorted(KERNEL_DIR.glob("*.cu"))
 
 
+def _kernel_digest() -> str:
+    h = hashlib.sha256()
+    for path in sorted([*KERNEL_DIR.glob("*.cu"), *KERNEL_DIR.glob("*.h")]):
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:12]
+
+
+KERNEL_DIGEST = _kernel_digest()
+
+
+def kernel_function(name: str) -> str:
+    """The global function a library built now calls for mlc's kernel `name`."""
+    return f"mlc.cuda.{KERNEL_DIGEST}.{name}"
+
+
 def build_kernel_objects(arch: str, cache_dir: Path) -> list[Path]:
     """Compile each kernel source for `arch` (e.g. sm_90a) once; cached by source hash."""
     return [compile_object(src, arch, cache_dir) for src in kernel_sources()]
@@ -77,7 +100,7 @@ def compile_object(source_path: Path, arch: str, cache_dir: Path) -> Path:
     import tvm_ffi
 
     nvcc = nvcc_path()
-    digest = hashlib.sha256(source_path.read_bytes() + arch.encode())
+    digest = hashlib.sha256(source_path.read_bytes() + arch.encode() + KERNEL_DIGEST.encode())
     for header in sorted(KERNEL_DIR.glob("*.h")):     # the sources include these
         digest.update(header.read_bytes())
     key = digest.hexdigest()[:16]
@@ -89,7 +112,7 @@ def compile_object(source_path: Path, arch: str, cache_dir: Path) -> Path:
     num = arch.replace("sm_", "")
     tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
     cmd = [nvcc, "-c", "-O3", "-std=c++17", "-Xcompiler", "-fPIC", "-I", str(include),
-           "-I", str(KERNEL_DIR),
+           "-I", str(KERNEL_DIR), f'-DMLC_KERNEL_DIGEST="{KERNEL_DIGEST}"',
            "-gencode", f"arch=compute_{num},code=sm_{num}", str(source_path), "-o", str(tmp)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:

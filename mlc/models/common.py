@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 
 from tvm import relax as rx
-from tvm import te
+from tvm import te, tirx
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 from tvm.relax.frontend.nn.llm import kv_cache as kv_mod
@@ -174,18 +174,36 @@ def kv_cache_window(sliding_window: int | None) -> int:
     return sliding_window if sliding_window and sliding_window > 0 else UNUSED_LAYER_WINDOW
 
 
+def cache_attention_kinds(kinds: list[str]) -> list[str]:
+    """The per-layer kinds the cache is built with: the model's, plus one unused "mha" layer
+    when every layer slides. TVM 0.27 allocates its q/k/v scratch only when some layer is
+    plain "mha" (a cache of only "mha_sliding" layers crashes in CreateView)."""
+    bad = sorted(set(kinds) - {"mha", "mha_sliding"})
+    if bad:
+        raise ValueError(f"attention kinds {bad}: only 'mha' and 'mha_sliding' are supported")
+    return list(kinds) + (["mha"] if kinds and all(k == "mha_sliding" for k in kinds) else [])
+
+
 def create_kv_cache(model: CausalLMBase, max_batch_size, max_total_seq_len, prefill_chunk_size,
-                    page_size, support_sliding_window, *, num_layers, num_q_heads, num_kv_heads,
-                    head_dim, rope_theta, rope_scaling, sliding_window):
-    """A TIR paged KV cache for a standard RoPE multi-head/grouped-query attention model."""
+                    page_size, support_sliding_window, *, num_q_heads, num_kv_heads, head_dim,
+                    attention_kinds: list[str], sliding_window: int = -1,
+                    rope_mode: RopeMode = RopeMode.NORMAL, rope_theta: float = 10000.0,
+                    rope_scaling: dict | None = None, rotary_dim: int | None = None):
+    """A TIR paged KV cache for multi-head/grouped-query attention.
+
+    `attention_kinds` gives each layer's kind ("mha", or "mha_sliding" with the window
+    `sliding_window`; TVM takes one window for all sliding layers). With `RopeMode.NORMAL` the
+    cache rotates q and k itself, with one `rope_theta`/`rope_scaling` for every layer, over the
+    first `rotary_dim` features of each head (default: all; partial rotary otherwise). A model
+    whose layers need different rotations applies RoPE itself and passes `RopeMode.NONE`.
+    """
     from tvm.target import Target
 
+    if rope_mode not in (RopeMode.NORMAL, RopeMode.NONE):
+        # mlc's CPU attention kernels assume no rotation inside attention (rotary_mode 0).
+        raise ValueError("rope_mode must be RopeMode.NORMAL or RopeMode.NONE")
     target = Target.current()
-    kinds = ["mha"] * num_layers
-    if sliding_window and sliding_window > 0:
-        # TVM 0.27 allocates its q/k/v scratch only when some layer is plain "mha" (a cache of
-        # only "mha_sliding" layers crashes in CreateView): add one unused "mha" layer.
-        kinds = ["mha_sliding"] * num_layers + ["mha"]
+    kinds = cache_attention_kinds(attention_kinds)
     fix = _cpu_tree_attention_fix() if target.kind.name == "llvm" else contextlib.nullcontext()
     with fix:
         return TIRPagedKVCache(
@@ -195,7 +213,43 @@ def create_kv_cache(model: CausalLMBase, max_batch_size, max_total_seq_len, pref
             layer_partition=rx.ShapeExpr([0, len(kinds)]), num_hidden_layers=len(kinds),
             num_attention_heads=num_q_heads, num_key_value_heads=num_kv_heads,
             qk_head_dim=head_dim, v_head_dim=head_dim, mla_original_qk_head_dim=0,
-            mla_original_v_head_dim=0, rope_mode=RopeMode.NORMAL, rope_scale=1,
-            rope_theta=rope_theta, rope_scaling=rope_scaling, rope_ext_factors=rx.prim_value(0),
-            rotary_dim=head_dim, enable_disaggregation=False, dtype=model.dtype, target=target,
+            mla_original_v_head_dim=0, rope_mode=rope_mode, rope_scale=1,
+            rope_theta=rope_theta, rope_scaling=rope_scaling or {},
+            rope_ext_factors=rx.prim_value(0), rotary_dim=rotary_dim or head_dim,
+            enable_disaggregation=False, dtype=model.dtype, target=target,
             layer_sliding_window_size=kv_cache_window(sliding_window))
+
+
+def apply_rope(x: Tensor, positions: Tensor, theta: float, rotary_dim: int | None = None,
+               position_scale: float = 1.0) -> Tensor:
+    """Rotate the first `rotary_dim` features of every head of x [b, s, h, d] by its position
+    (positions [b * s] int32, the KV cache's `get_query_positions`), rotate-half style as
+    transformers does, in float32. `position_scale` divides positions ("linear" scaling).
+    For models that apply RoPE themselves (KV cache with RopeMode.NONE)."""
+    import numpy as np
+
+    rd = rotary_dim or int(x.shape[-1])
+    half = rd // 2
+    # transformers' inverse frequencies, bit for bit: 1 / theta ** (2i / rd) in float32
+    inv_freq = (1.0 / (np.float32(theta) ** (np.arange(0, rd, 2, dtype=np.float32)
+                                              / np.float32(rd)))).astype("float32")
+    inv = Tensor.from_const(inv_freq)
+    scale = 1.0 / position_scale
+
+    def rope(x, pos, inv):
+        s = x.shape[1]             # the TE tensor's own (symbolic) sequence length
+
+        def value(bi, si, hi, di):
+            p = pos[bi * s + si].astype("float32")
+            if scale != 1.0:
+                p = p * tirx.const(scale, "float32")
+            angle = p * inv[di % half]
+            xf = x[bi, si, hi, di].astype("float32")
+            partner = tirx.if_then_else(di < half, -x[bi, si, hi, di + half].astype("float32"),
+                                        x[bi, si, hi, di - half].astype("float32"))
+            rotated = xf * tirx.cos(angle) + partner * tirx.sin(angle)
+            return tirx.if_then_else(di < rd, rotated, xf).astype(x.dtype)
+
+        return te.compute(x.shape, value, name="rope")
+
+    return op.tensor_expr_op(rope, "rope", [x, positions, inv])

@@ -8,98 +8,49 @@ channels) followed by an all-reduce; see `mlc.compiler.tensor_parallel`.
 
 from __future__ import annotations
 
-import dataclasses
-import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from mlc.errors import CompileError, ConvertError
-
-logger = logging.getLogger(__name__)
+from mlc.errors import CompileError
+from mlc.models.config import (
+    ModelConfig,
+    build,
+    context_window,
+    require,
+    rope_params,
+    rope_scaling_of,
+)
 
 
 @dataclass
-class Config:
+class Config(ModelConfig):
     """The Llama architecture config, resolved from HF config.json fields."""
 
-    hidden_size: int
-    intermediate_size: int
-    num_attention_heads: int
-    num_hidden_layers: int
-    num_key_value_heads: int
-    vocab_size: int
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     rope_scaling: dict[str, Any] | None = None
-    head_dim: int = 0
-    tie_word_embeddings: bool = False
-    context_window_size: int = 4096
-    prefill_chunk_size: int = 2048
-    sliding_window_size: int = -1
-    max_batch_size: int = 64
-    tensor_parallel_shards: int = 1
     extra: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self):
-        if not self.head_dim:
-            self.head_dim = self.hidden_size // self.num_attention_heads
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ConvertError(
-                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
-                f"num_key_value_heads={self.num_key_value_heads}.")
-        if self.sliding_window_size > 0:
-            # A chunk must fit in the window: attention within a chunk (the ragged kernel)
-            # applies no window. One below it keeps every query seeing at least one cached
-            # key, a case TVM 0.27's GPU sliding-window kernel gets wrong.
-            self.prefill_chunk_size = min(self.prefill_chunk_size, self.sliding_window_size - 1)
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any], **overrides: Any) -> Config:
         """Resolve HF aliases; raise naming the missing keys."""
-        required = ["hidden_size", "intermediate_size", "num_attention_heads",
-                    "num_hidden_layers", "vocab_size"]
-        missing = [k for k in required if k not in hf]
-        if missing:
-            raise ConvertError(f"config.json lacks the Llama fields {missing}.")
-        ctx = hf.get("max_position_embeddings") or hf.get("max_sequence_length") or 4096
-        if "max_position_embeddings" not in hf:
-            logger.info("config.json has no max_position_embeddings; using %d", ctx)
-        sliding = hf.get("sliding_window") or -1
-        # transformers >= 5 writes `rope_parameters` (with rope_theta inside) for both.
-        rope_params = hf.get("rope_parameters") or {}
-        rope_scaling = hf.get("rope_scaling") or {
-            k: v for k, v in rope_params.items() if k != "rope_theta"}
-        if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) in (
-                "default", None):
-            rope_scaling = None
-        known = {f.name for f in dataclasses.fields(cls)}
-        cfg = dict(
+        require(hf, ["hidden_size", "intermediate_size", "num_attention_heads",
+                     "num_hidden_layers", "vocab_size"], "Llama")
+        ctx = context_window(hf)
+        rope = rope_params(hf)
+        fields = dict(
             hidden_size=hf["hidden_size"], intermediate_size=hf["intermediate_size"],
             num_attention_heads=hf["num_attention_heads"],
             num_hidden_layers=hf["num_hidden_layers"],
             num_key_value_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
             vocab_size=hf["vocab_size"], rms_norm_eps=hf.get("rms_norm_eps", 1e-5),
-            rope_theta=hf.get("rope_theta", rope_params.get("rope_theta", 10000.0)),
-            rope_scaling=rope_scaling or None,
+            rope_theta=rope.get("rope_theta", 10000.0), rope_scaling=rope_scaling_of(rope, "Llama"),
             head_dim=hf.get("head_dim") or 0,
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             context_window_size=ctx, prefill_chunk_size=min(2048, ctx),
-            sliding_window_size=sliding,
+            sliding_window_size=hf.get("sliding_window") or -1,
         )
-        for key, value in overrides.items():
-            if key not in known:
-                raise ConvertError(f"Unknown override {key!r}; valid: {sorted(known)}.")
-            if value is not None:
-                cfg[key] = value
-        return cls(**cfg)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Config:
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return build(cls, fields, overrides)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -108,9 +59,9 @@ class Config:
 from tvm.relax.frontend import nn  # noqa: E402
 from tvm.relax.frontend.nn import Tensor, op  # noqa: E402
 
-from mlc.compiler.quantization.nn_layers import make_embedding, make_linear  # noqa: E402
-from mlc.compiler.tensor_parallel import check_shards  # noqa: E402
 from mlc.models.common import CausalLMBase, create_kv_cache  # noqa: E402
+from mlc.models.layers import make_embedding, make_linear  # noqa: E402
+from mlc.models.sharding import check_shards  # noqa: E402
 
 
 class Attention(nn.Module):
@@ -211,8 +162,9 @@ class ForCausalLM(CausalLMBase):
         c = self.config
         return create_kv_cache(
             self, max_batch_size, max_total_seq_len, prefill_chunk_size, page_size,
-            support_sliding_window, num_layers=c.num_hidden_layers,
+            support_sliding_window,
             num_q_heads=c.num_attention_heads // c.tensor_parallel_shards,
             num_kv_heads=c.num_key_value_heads // c.tensor_parallel_shards,
-            head_dim=c.head_dim, rope_theta=c.rope_theta, rope_scaling=c.rope_scaling or {},
-            sliding_window=c.sliding_window_size)
+            head_dim=c.head_dim, attention_kinds=c.attention_kinds(),
+            sliding_window=c.sliding_window_size, rope_theta=c.rope_theta,
+            rope_scaling=c.rope_scaling)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from mlc.compiler.tensor_parallel import ShardSpec
 from mlc.models.registry import ParamMap
+from mlc.models.sharding import ShardSpec
 
 
 def _concat_rows(arrays: list[np.ndarray]) -> np.ndarray:
@@ -82,3 +82,12 @@ def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
     rows = w.shape[0]
     return (w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:])
             .swapaxes(1, 2).reshape(w.shape))
+
+
+def gguf_tensor(hf_name: str, array: np.ndarray, config) -> np.ndarray:
+    """llama.cpp interleaves the rotary halves of Llama's q and k rows; undo it (HF layout)."""
+    if hf_name.endswith("self_attn.q_proj.weight"):
+        return unpermute_qk(array, config.num_attention_heads)
+    if hf_name.endswith("self_attn.k_proj.weight"):
+        return unpermute_qk(array, config.num_key_value_heads)
+    return array

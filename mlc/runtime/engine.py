@@ -8,9 +8,10 @@ on a `queue.Queue`, the async one on an asyncio queue fed thread-safely.
 
 The public interface (used by the server, `mlc chat`, the tests and deployments): `create`
 under `chat.completions` / `completions`, `generate` (the engine's own per-step outputs),
-`abort`, `terminate`, `stats()`, `metrics()`, `is_alive()`, `model_id`, `serves_model()`,
-`limits`, `memory_plan`, and on the async engine `serve_request` (the HTTP server's entry:
-stream chunks come as JSON text, without building response objects per token).
+`abort`, `terminate`, `stats()`, `metrics()`, `is_alive()`, `event_trace()`, `model_id`,
+`serves_model()`, `limits`, `memory_plan`, and on the async engine `serve_request` (the HTTP
+server's entry: stream chunks come as JSON text, without building response objects per
+token).
 """
 
 from __future__ import annotations
@@ -60,7 +61,9 @@ from mlc.runtime.tracing import Tracer
 from mlc.support.tensor_cache import numpy_dtype
 
 logger = logging.getLogger(__name__)
-SPECULATIVE_MODES = ("disable", "small_draft", "eagle")
+SPECULATIVE_MODES = ("disable", "ngram", "small_draft", "eagle")
+DEFAULT_SPEC_DRAFT_LENGTH = 4
+PREFIX_CACHE_MODES = ("radix", "disable")
 
 
 @dataclass
@@ -78,6 +81,7 @@ class EngineConfig:
     gpu_memory_utilization: float | None = None
     speculative_mode: str = "disable"
     spec_draft_length: int = 0
+    prefix_cache_mode: str = "radix"
     verbose: bool = False
 
 
@@ -91,7 +95,7 @@ class _EngineBase:
                  prefill_chunk_size: int | None = None, max_history_size: int | None = None,
                  gpu_memory_utilization: float | None = None,
                  speculative_mode: str = "disable", spec_draft_length: int | None = None,
-                 enable_tracing: bool = False, verbose: bool = False,
+                 prefix_cache_mode: str | None = None, enable_tracing: bool = False, verbose: bool = False,
                  served_model_name: str | None = None, sampling: str = "auto"):
         cfg = engine_config or EngineConfig()
         pick = lambda given, from_cfg: given if given is not None else from_cfg
@@ -101,17 +105,29 @@ class _EngineBase:
         if speculative_mode not in SPECULATIVE_MODES:
             raise ModelLoadError(f"speculative_mode must be one of {SPECULATIVE_MODES}, got "
                                  f"{speculative_mode!r}.", param="speculative_mode")
-        if speculative_mode != "disable":
+        if speculative_mode == "eagle":
             raise ModelLoadError(
-                f"speculative_mode={speculative_mode!r} is not implemented in mlc yet; use "
-                "speculative_mode='disable'.", param="speculative_mode")
+                "speculative_mode='eagle' is not implemented in mlc yet; use 'small_draft' "
+                "(a draft model in additional_models), 'ngram' (prompt lookup, no draft "
+                "model) or 'disable'.", param="speculative_mode")
+        self.speculative_mode = speculative_mode
+        prefix_cache_mode = pick(prefix_cache_mode, cfg.prefix_cache_mode)
+        if prefix_cache_mode not in PREFIX_CACHE_MODES:
+            raise ModelLoadError(f"prefix_cache_mode must be one of {PREFIX_CACHE_MODES}, got "
+                                 f"{prefix_cache_mode!r}.", param="prefix_cache_mode")
+        self.prefix_cache_mode = prefix_cache_mode
         if sampling not in SAMPLING_PATHS:
             raise ModelLoadError(f"sampling must be one of {SAMPLING_PATHS}, got {sampling!r}.",
                                  param="sampling")
         self.additional_models = additional_models or cfg.additional_models
         self.max_history_size = pick(max_history_size, cfg.max_history_size)
-        self.spec_draft_length = pick(spec_draft_length, cfg.spec_draft_length)
+        self.spec_draft_length = pick(spec_draft_length, cfg.spec_draft_length) \
+            or DEFAULT_SPEC_DRAFT_LENGTH
+        if self.spec_draft_length < 0:
+            raise ModelLoadError(f"spec_draft_length must be positive, got "
+                                 f"{self.spec_draft_length}.", param="spec_draft_length")
         self.verbose = verbose or cfg.verbose
+        self.device_arg = device
         kind, dev = parse_runtime_device(device)
         self.model_dir = resolve_model(model, quiet=not self.verbose, device_kind=kind)
         self.model_id = served_model_name or _model_id(self.model_arg, self.model_dir)
@@ -145,7 +161,9 @@ class _EngineBase:
         self.tokenizer = _load_tokenizer(self.model_dir)
         self.tracer = Tracer(enabled=enable_tracing)
         sampler = DeviceSampler(self.model) if self.sampling_path == "device" else HostSampler()
-        self._core = EngineCore(self.model, self.limits, sampler, self.tracer, self.model_id)
+        self._core = EngineCore(self.model, self.limits, sampler, self.tracer, self.model_id,
+                                prefix_cache=prefix_cache_mode == "radix",
+                                speculation=self._speculation())
         self._terminated = False
         self._grammar_compiler = None      # built on the first constrained request
 
@@ -157,6 +175,51 @@ class _EngineBase:
             self._grammar_compiler = grammar_compiler(
                 self.tokenizer, self.model.vocab_size, self.chat_config.eos_token_id or [])
         return self._grammar_compiler
+
+    def _speculation(self):
+        """(drafter, draft length) of the speculative mode, or None."""
+        from mlc.runtime.speculation import ModelDrafter, NgramDrafter
+
+        if self.speculative_mode == "ngram":
+            return NgramDrafter(), self.spec_draft_length
+        if self.speculative_mode == "small_draft":
+            return (ModelDrafter(self._load_draft_model(), self.limits.prefill_chunk_size),
+                    self.spec_draft_length)
+        return None
+
+    def _load_draft_model(self) -> LoadedModel:
+        """The draft model of small_draft: additional_models[0], "model_path" or
+        "model_path:model_lib" (or a (path, lib) pair), its library compiled on demand
+        when absent; same vocabulary as the target, same device, its own KV cache."""
+        if not self.additional_models:
+            raise ModelLoadError(
+                "speculative_mode='small_draft' needs a draft model: pass "
+                "additional_models=['DRAFT_MODEL'] (or 'DRAFT_MODEL:DRAFT_LIB').",
+                param="additional_models")
+        spec = self.additional_models[0]
+        if isinstance(spec, (tuple, list)):
+            path, lib = spec
+        else:
+            path, lib = str(spec), None
+            if ":" in path and not path.startswith("HF://"):
+                path, lib = path.split(":", 1)
+        kind, dev = parse_runtime_device(self.device_arg)
+        draft_dir = resolve_model(path, quiet=not self.verbose, device_kind=kind)
+        if lib is None:
+            from mlc.runtime.jit import find_or_build_library
+
+            lib = find_or_build_library(draft_dir, kind, dev, quiet=not self.verbose)
+        draft = LoadedModel(draft_dir, lib, self.device_arg)
+        if draft.vocab_size != self.model.vocab_size:
+            raise ModelLoadError(
+                f"The draft model {path} has a vocabulary of {draft.vocab_size} tokens and the "
+                f"target {self.model.vocab_size}: a draft must share the target's tokenizer.",
+                param="additional_models")
+        plan = self.memory_plan
+        draft.create_kv_cache(KVCacheConfig(
+            plan.max_batch_size, plan.max_total_sequence_length, plan.prefill_chunk_size))
+        self.draft_model = draft
+        return draft
 
     # -- the public interface beyond create --------------------------------------------
     def is_alive(self) -> bool:
@@ -198,6 +261,11 @@ class _EngineBase:
     def abort(self, request_id: str) -> None:
         """End a request early; its streams finish with finish_reason "abort"."""
         self._core.abort(request_id)
+
+    def event_trace(self) -> dict[str, Any] | None:
+        """The Chrome trace (a JSON object) of the requests so far; None unless the engine
+        was created with enable_tracing=True."""
+        return self.tracer.to_chrome_trace() if self.tracer.enabled else None
 
     def save_trace(self, path: str | Path) -> Path:
         """Write the Chrome trace of the requests so far (needs enable_tracing=True)."""
@@ -285,6 +353,8 @@ class _EngineBase:
             raise BadRequestError("prompt token ids must be < the vocabulary size "
                                   f"{self.model.vocab_size}.", param="prompt")
         gen = self._finish_config(req.to_generation_config(), len(ids), "prompt")
+        if gen.max_tokens == 0:     # score the prompt only: the one token sampled is dropped
+            gen = dataclasses.replace(gen, max_tokens=1)
         return req, ids, self._with_grammar(gen)
 
     def _submit(self, request_id: str, ids: list[int], gen: GenerationConfig):
@@ -313,17 +383,21 @@ class _EngineBase:
         req, ids, gen = self._prepare_completion(request)
         rid, created = req.request_id, int(time.time())
         prompt_text = self._prompt_text(req) if req.echo else ""
-        state = _StreamState(prompt=prompt_text)
+        state = _StreamState(prompt=prompt_text, prompt_ids=ids)
         render = _ChunkJSON(rid, created, self.model_id, "text_completion")
         return _Pending(rid, self._submit(rid, ids, gen), req.stream,
                         lambda out: self._completion_chunks(req, out, rid, created, state),
                         lambda outs: self._completion_response(req, outs, rid, created,
-                                                               prompt_text),
+                                                               prompt_text, ids),
                         lambda out: self._completion_chunks_json(req, out, state, render))
 
     def _start_generate(self, request) -> _Pending:
         self._check_alive()
         req, ids, gen = self._prepare_completion(request)
+        if req.max_tokens == 0:
+            raise BadRequestError("generate() needs max_tokens >= 1 (max_tokens=0 scores a "
+                                  "prompt: use completions.create with echo and logprobs).",
+                                  param="max_tokens")
         return _Pending(req.request_id, self._submit(req.request_id, ids, gen), True,
                         lambda out: [out], lambda outs: outs, lambda out: [])
 
@@ -356,13 +430,22 @@ class _EngineBase:
             pos += len(t)
         return P.CompletionLogprobs(
             tokens=toks, token_logprobs=[lp.logprob for lp in delta.logprobs], text_offset=offsets,
-            top_logprobs=[{self._token_str(t): v for t, v in lp.top} for lp in delta.logprobs])
+            top_logprobs=[self._top_dict(lp.top) for lp in delta.logprobs])
+
+    def _top_dict(self, top: list[tuple[int, float]]) -> dict[str, float]:
+        """Legacy top_logprobs: token text -> logprob, most likely first (tokens whose text
+        is the same keep the likelier one)."""
+        out: dict[str, float] = {}
+        for token_id, logprob in top:
+            out.setdefault(self._token_str(token_id), logprob)
+        return out
 
     @staticmethod
     def _usage(out: RequestOutput) -> P.CompletionUsage:
-        return P.CompletionUsage(prompt_tokens=out.prompt_tokens,
-                                 completion_tokens=out.completion_tokens,
-                                 total_tokens=out.prompt_tokens + out.completion_tokens)
+        return P.CompletionUsage(
+            prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens,
+            total_tokens=out.prompt_tokens + out.completion_tokens,
+            prompt_tokens_details=P.PromptTokensDetails(cached_tokens=out.cached_tokens))
 
     def _chat_chunks(self, req, out: RequestOutput, rid: str, created: int,
                      state: _StreamState, use_tools: bool) -> list[P.ChatCompletionChunk]:
@@ -392,8 +475,9 @@ class _EngineBase:
                 continue
             choices.append(P.ChunkChoice(
                 index=d.index, finish_reason=reason,
-                # content stays a str (MLC-LLM's examples concatenate every delta's content)
-                delta=P.Delta(role="assistant" if first else None,
+                # content stays a str (MLC-LLM's examples concatenate every delta's content);
+                # the role is in every chunk, as MLC-LLM sends it (OpenAI: the first only)
+                delta=P.Delta(role="assistant",
                               content=None if tool_calls and not text else text,
                               tool_calls=tool_calls),
                 logprobs=self._chat_logprobs(d)))
@@ -440,29 +524,67 @@ class _EngineBase:
     def _completion_chunks(self, req, out: RequestOutput, rid: str, created: int,
                            state: _StreamState) -> list[P.Completion]:
         choices = []
+        if out.prompt_logprobs is not None:
+            state.prompt_logprobs = out.prompt_logprobs
         for d in out.deltas:
-            text = d.text
-            if req.echo and d.index not in state.started:
-                text = state.prompt + text
+            if req.max_tokens == 0:     # prompt scoring: the token sampled is not returned
+                d = dataclasses.replace(d, text="", token_ids=[],
+                                        logprobs=None if d.logprobs is None else [],
+                                        finish_reason=d.finish_reason and "length")
+            text, first = d.text, d.index not in state.started
             state.started.add(d.index)
             offset = state.offsets.get(d.index, 0)
+            prompt_lp = None
+            if req.echo and first:
+                text = state.prompt + text
+                if req.logprobs is not None and state.prompt_logprobs is not None:
+                    prompt_lp = self._prompt_logprobs(state)
             state.offsets[d.index] = offset + len(text)
-            if text or d.finish_reason or d.logprobs:
-                choices.append(P.CompletionChoice(
-                    index=d.index, text=text, finish_reason=d.finish_reason,
-                    logprobs=self._completion_logprobs(d, offset)))
+            lp = self._completion_logprobs(d, offset + len(text) - len(d.text))
+            if prompt_lp is not None:
+                lp = _join_logprobs(prompt_lp, lp)
+            if text or d.finish_reason or d.logprobs or prompt_lp is not None:
+                choices.append(P.CompletionChoice(index=d.index, text=text,
+                                                  finish_reason=d.finish_reason, logprobs=lp))
         chunks = []
         if choices:
             chunks.append(P.Completion(id=rid, created=created, model=self.model_id,
                                        choices=choices))
         if out.final and req.stream_options and req.stream_options.include_usage:
             chunks.append(P.Completion(id=rid, created=created, model=self.model_id,
-                                       choices=[], usage=self._usage(out)))
+                                       choices=[], usage=self._completion_usage(req, out)))
         return chunks
 
-    def _completion_response(self, req, outs, rid, created, prompt_text) -> P.Completion:
+    def _completion_usage(self, req, out: RequestOutput) -> P.CompletionUsage:
+        usage = self._usage(out)
+        if req.max_tokens == 0:
+            usage.completion_tokens, usage.total_tokens = 0, usage.prompt_tokens
+        return usage
+
+    def _prompt_logprobs(self, state: _StreamState) -> P.CompletionLogprobs:
+        """The echoed prompt's logprobs: one entry per prompt token, null for the first,
+        text_offset into the echoed prompt text."""
+        ids = state.prompt_ids
+        entries = state.prompt_logprobs
+        return P.CompletionLogprobs(
+            tokens=[self._token_str(t) for t in ids],
+            token_logprobs=[None if e is None else e.logprob for e in entries],
+            text_offset=self._prompt_offsets(state.prompt, ids),
+            top_logprobs=[None if e is None else self._top_dict(e.top) for e in entries])
+
+    def _prompt_offsets(self, prompt: str, ids: list[int]) -> list[int]:
+        """Where each prompt token starts in the prompt text (the tokenizer's offsets for a
+        text prompt; for token ids, the length of the text of the tokens before it)."""
+        enc = self.tokenizer.encode(prompt, add_special_tokens=False)
+        if list(enc.ids) == ids[len(ids) - len(enc.ids):]:
+            starts = [start for start, _ in enc.offsets]
+            return [0] * (len(ids) - len(starts)) + starts      # a BOS added: offset 0
+        return [len(self.tokenizer.decode(ids[:i])) for i in range(len(ids))]
+
+    def _completion_response(self, req, outs, rid, created, prompt_text,
+                             prompt_ids=()) -> P.Completion:
         parts: dict[int, list] = {i: [] for i in range(req.n)}
-        state = _StreamState(prompt=prompt_text)
+        state = _StreamState(prompt=prompt_text, prompt_ids=list(prompt_ids))
         for out in outs:
             for chunk in self._completion_chunks(req, out, rid, created, state):
                 for c in chunk.choices:
@@ -484,7 +606,7 @@ class _EngineBase:
             choices.append(P.CompletionChoice(index=i, text="".join(c.text for c in cs),
                                               finish_reason=reason, logprobs=lp))
         return P.Completion(id=rid, created=created, model=self.model_id, choices=choices,
-                            usage=self._usage(outs[-1]))
+                            usage=self._completion_usage(req, outs[-1]))
 
     # -- stream chunks as JSON text (the server's hot path) ------------------------------
     def _chat_chunks_json(self, req, out: RequestOutput, state: _StreamState,
@@ -500,7 +622,7 @@ class _EngineBase:
             state.started.add(d.index)
             if d.text or first or d.finish_reason:
                 choices.append({"delta": {"content": d.text, "refusal": None,
-                                          "role": "assistant" if first else None,
+                                          "role": "assistant",
                                           "tool_calls": None},
                                 "finish_reason": d.finish_reason, "index": d.index,
                                 "logprobs": None})
@@ -512,7 +634,7 @@ class _EngineBase:
     def _completion_chunks_json(self, req, out: RequestOutput, state: _StreamState,
                                 render: _ChunkJSON) -> list[str]:
         """`_completion_chunks` as JSON text (richer deltas go through the objects)."""
-        if req.echo or any(d.logprobs for d in out.deltas):
+        if req.echo or req.max_tokens == 0 or any(d.logprobs for d in out.deltas):
             return [c.model_dump_json() for c in self._completion_chunks(
                 req, out, render.rid, render.created, state)]
         choices = [{"finish_reason": d.finish_reason, "index": d.index, "logprobs": None,
@@ -578,6 +700,21 @@ def _sampling_path(choice: str, model: LoadedModel) -> str:
     return choice
 
 
+def _request_args(request: Any, kwargs: dict[str, Any]) -> Any:
+    """What `create()` was given, as one request: a parsed request as is, or the keyword
+    arguments with `extra_body`'s fields merged in (the openai client sends them in the JSON
+    body, over the named arguments)."""
+    if request is not None:
+        return request
+    extra = kwargs.pop("extra_body", None)
+    if extra is None:
+        return kwargs
+    if not isinstance(extra, dict):
+        raise BadRequestError(f"extra_body must be a dict of request fields, got "
+                              f"{type(extra).__name__}.", param="extra_body")
+    return {**kwargs, **extra}
+
+
 def _raise_if_error(out: RequestOutput) -> RequestOutput:
     if out.error is not None:
         raise out.error
@@ -592,6 +729,18 @@ class _StreamState:
     parsers: dict[int, ToolCallStreamParser] = field(default_factory=dict)  # tool calls
     offsets: dict[int, int] = field(default_factory=dict)
     prompt: str = ""                                    # echo of completions
+    prompt_ids: list[int] = field(default_factory=list)
+    prompt_logprobs: list | None = None                 # echo with logprobs
+
+
+def _join_logprobs(first: P.CompletionLogprobs, then: P.CompletionLogprobs | None
+                   ) -> P.CompletionLogprobs:
+    if then is None:
+        return first
+    return P.CompletionLogprobs(tokens=first.tokens + then.tokens,
+                                token_logprobs=first.token_logprobs + then.token_logprobs,
+                                text_offset=first.text_offset + then.text_offset,
+                                top_logprobs=first.top_logprobs + then.top_logprobs)
 
 
 class _ChunkJSON:
@@ -654,8 +803,9 @@ class _SyncCreate:
     def create(self, request: P.ChatCompletionRequest | P.CompletionRequest | None = None,
                /, **kwargs: Any):
         """OpenAI's `create(**kwargs)`: the response object, or with stream=True an iterator
-        of chunks. A request already parsed by `mlc.runtime.protocol` may be passed instead."""
-        pending = self._start(request if request is not None else kwargs)
+        of chunks. A request already parsed by `mlc.runtime.protocol` may be passed instead.
+        `extra_body={...}` adds fields as the openai client does (e.g. `debug_config`)."""
+        pending = self._start(_request_args(request, kwargs))
         if pending.streaming:
             return self._iterate(pending)
         return pending.response(list(pending.stream))
@@ -758,8 +908,9 @@ class _AsyncCreate:
     async def create(self, request: P.ChatCompletionRequest | P.CompletionRequest | None = None,
                      /, **kwargs: Any):
         """OpenAI's `create(**kwargs)`: the response object, or with stream=True an async
-        iterator of chunks. A request already parsed by the protocol may be passed instead."""
-        pending = self._start(request if request is not None else kwargs)
+        iterator of chunks. A request already parsed by the protocol may be passed instead.
+        `extra_body={...}` adds fields as the openai client does (e.g. `debug_config`)."""
+        pending = self._start(_request_args(request, kwargs))
         if pending.streaming:
             return self._iterate(pending)
         return await self._collect(pending)

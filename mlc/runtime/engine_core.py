@@ -13,6 +13,7 @@ import logging
 import queue
 import threading
 import time
+from typing import Any
 
 from mlc.errors import EngineTerminatedError, MLCError
 from mlc.runtime.metrics import EngineStats, MetricsSnapshot, RequestMetrics
@@ -30,12 +31,18 @@ class EngineCore:
     """Continuous batching over a `ModelRunner` in a background thread."""
 
     def __init__(self, runner: ModelRunner, limits: EngineLimits, sampler,
-                 tracer: Tracer | None = None, model_name: str = ""):
+                 tracer: Tracer | None = None, model_name: str = "",
+                 prefix_cache: bool = True,
+                 speculation: tuple[Any, int] | None = None):
+        """`speculation`: (drafter, draft length) (`mlc.runtime.speculation`), or None."""
         self.limits = limits
         self.model_name = model_name
         self.tracer = tracer or Tracer(enabled=False)
         self.counters = StepCounters()
-        self.scheduler = Scheduler(runner, limits, self.counters, self.tracer)
+        drafter, k = (speculation or (None, 0))
+        self.scheduler = Scheduler(runner, limits, self.counters, self.tracer,
+                                   prefix_cache=prefix_cache, drafter=drafter,
+                                   spec_draft_length=k)
         self.actions = make_actions(runner, self.scheduler, self.counters, self.tracer)
         self.outputs = OutputProcessor(sampler, limits, self.tracer)
         self.request_metrics = RequestMetrics()
@@ -72,7 +79,11 @@ class EngineCore:
             kv_cache_utilization=s.kv_cache_utilization(), prefill_tokens=c.prefill_tokens,
             prefill_seconds=c.prefill_seconds, decode_tokens=c.decode_tokens,
             decode_steps=c.decode_steps, decode_seconds=c.decode_seconds,
-            preemptions=c.preemptions, finished_requests=dict(c.finished_requests))
+            preemptions=c.preemptions, finished_requests=dict(c.finished_requests),
+            prefix_cache_pages=s.cached_pages, prefix_cached_tokens=c.prefix_cached_tokens,
+            prefix_evictions=c.prefix_evictions, draft_tokens=c.draft_tokens,
+            accepted_draft_tokens=c.accepted_draft_tokens,
+            acceptance_rate=c.accepted_draft_tokens / c.draft_tokens if c.draft_tokens else 0.0)
 
     def metrics(self) -> MetricsSnapshot:
         st, m = self.stats(), self.request_metrics
@@ -80,7 +91,9 @@ class EngineCore:
             return MetricsSnapshot(
                 self.model_name, dict(m.finished), m.prompt_tokens, m.generation_tokens,
                 st.preemptions, st.running_requests, st.waiting_requests,
-                st.kv_cache_utilization, m.ttft.snapshot(), m.itl.snapshot(), m.e2e.snapshot())
+                st.kv_cache_utilization, m.ttft.snapshot(), m.itl.snapshot(), m.e2e.snapshot(),
+                prefix_cached_tokens=st.prefix_cached_tokens, draft_tokens=st.draft_tokens,
+                accepted_draft_tokens=st.accepted_draft_tokens)
 
     # -- the loop --------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -122,8 +135,14 @@ class EngineCore:
         if batch is None:
             return
         t0 = time.perf_counter()
-        result = self.actions[batch.kind].run(batch)
-        deltas = self.outputs.process(result, batch.ended)
+        action = self.actions[batch.kind]
+        result = action.run(batch)
+        if batch.kind is StepKind.VERIFY:
+            deltas = self.outputs.process_verify(result)
+            action.commit(result)           # pop rejected drafts before choices end
+            deltas += [(s, self.outputs.final_delta(s, "length")) for s in batch.ended]
+        else:
+            deltas = self.outputs.process(result, batch.ended)
         if batch.kind is StepKind.PREFILL:
             self.counters.prefill_seconds += time.perf_counter() - t0
         else:
@@ -155,7 +174,8 @@ class EngineCore:
     def _finish_request(self, req: Request, deltas: list[ChoiceDelta]) -> None:
         """Deliver the final output of a request the scheduler already removed."""
         self._record_finished(req, time.monotonic())
-        out = RequestOutput(req.request_id, deltas, True, len(req.prompt_ids), req.num_generated)
+        out = RequestOutput(req.request_id, deltas, True, len(req.prompt_ids), req.num_generated,
+                            cached_tokens=req.cached_tokens)
         self._deliver(req, out)
 
     def _fail(self, req: Request, error: Exception) -> None:

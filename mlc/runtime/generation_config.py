@@ -67,6 +67,10 @@ class GenerationConfig:
     """Token ids that end generation (in addition to the model's EOS unless ignore_eos)."""
     ignore_eos: bool = False
     """Keep generating past the model's end-of-sequence tokens (benchmarks)."""
+    prompt_logprobs: bool = False
+    """Also score the prompt: the logprob of every prompt token after the first (and the
+    `top_logprobs` alternatives), from the logits of every prompt position (completions'
+    echo with logprobs)."""
     response_format: dict[str, Any] | None = None
     """OpenAI response_format: {"type": "text" | "json_object" | "json_schema", ...}, or mlc's
     "regex" / "grammar" (see `mlc.runtime.grammar.grammar_from_response_format`)."""

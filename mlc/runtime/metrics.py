@@ -35,6 +35,12 @@ class EngineStats:
     decode_seconds: float
     preemptions: int
     finished_requests: dict[str, int]  # by finish reason
+    prefix_cache_pages: int = 0        # of kv_pages_free: held by cached prefixes (estimate)
+    prefix_cached_tokens: int = 0      # tokens admitted from the prefix cache (not computed)
+    prefix_evictions: int = 0
+    draft_tokens: int = 0              # speculative tokens proposed
+    accepted_draft_tokens: int = 0     # of those, accepted by the target
+    acceptance_rate: float = 0.0       # accepted_draft_tokens / draft_tokens
 
 
 @dataclass
@@ -83,6 +89,9 @@ class MetricsSnapshot:
     inter_token_latency: HistogramSnapshot
     e2e_request_latency: HistogramSnapshot
     extra: dict[str, float] = field(default_factory=dict)
+    prefix_cached_tokens: int = 0
+    draft_tokens: int = 0
+    accepted_draft_tokens: int = 0
 
 
 class RequestMetrics:

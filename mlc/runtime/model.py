@@ -256,6 +256,26 @@ class LoadedModel:
             logits = self._forward("batch_prefill", seq_ids, lengths, embeds, pos)
         return self._as_rows(logits, len(seq_ids))
 
+    def prefill_scored_logits(self, seq_ids: list[int], token_lists: list[list[int]],
+                              scored: list[bool]):
+        """`prefill_logits`, plus the logits of every position of the chunks marked in
+        `scored` (through `batch_prefill`'s logit positions; no other library function).
+        Returns (logits [rows, v] on the device, first row of each chunk); a chunk's rows are
+        all its positions when scored, else its last one."""
+        import tvm
+
+        lengths = [len(t) for t in token_lists]
+        flat = np.concatenate([np.asarray(t, dtype="int32") for t in token_lists])
+        embeds = self._embed(flat, (1, len(flat), self.hidden_size))
+        ends = np.cumsum(lengths)
+        positions, first_rows = [], []
+        for end, length, score in zip(ends, lengths, scored):
+            first_rows.append(len(positions))
+            positions.extend(range(end - length, end) if score else [end - 1])
+        pos = tvm.runtime.tensor(np.asarray(positions, dtype="int32"), self.device)
+        logits = self._forward("batch_prefill", seq_ids, lengths, embeds, pos)
+        return self._as_rows(logits, len(positions)), first_rows
+
     def decode_logits(self, seq_ids: list[int], tokens: list[int]):
         """One new token for each sequence; logits [b, v] on the device."""
         b = len(seq_ids)

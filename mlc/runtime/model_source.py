@@ -1,6 +1,6 @@
 """Resolving the `model` argument: an MLC dir, a path to mlc-chat-config.json, an `HF://`
 link (MLC-format repos load as they are; plain HF repos are converted once into the cache),
-or the embedded default's name."""
+or the name of an embedded model (`SmolLM2-135M-Instruct`, `gemma3-270m`)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from pathlib import Path
 
 from mlc.errors import ModelLoadError
 from mlc.support.chat_config import CHAT_CONFIG_NAME
+from mlc.support.embedded_models import SMOLLM2, embedded_for_repo, find_embedded
 from mlc.support.paths import cache_root
 
-EMBEDDED_NAME = "SmolLM2-135M-Instruct"
-EMBEDDED_HF = "HF://HuggingFaceTB/SmolLM2-135M-Instruct"
+EMBEDDED_NAME = SMOLLM2.name
 
 
 def default_quantization(device_kind: str) -> str:
@@ -39,7 +39,7 @@ def resolve_model(model: str | os.PathLike, quiet: bool = False,
         raise ModelLoadError(
             f"{path} has no {CHAT_CONFIG_NAME}: it is not an MLC model dir. Convert it first: "
             f"`mlc convert {path} --quantization q4f16_1 -o {path}-MLC`.", param="model")
-    if text.startswith("HF://") or text == EMBEDDED_NAME:
+    if text.startswith("HF://") or find_embedded(text) is not None:
         return _from_hub_or_embedded(text, quiet, default_quantization(device_kind))
     raise ModelLoadError(
         f"Model {text!r} not found. Pass an MLC model dir (from `mlc convert`), a path to "
@@ -47,7 +47,7 @@ def resolve_model(model: str | os.PathLike, quiet: bool = False,
 
 
 def _from_hub_or_embedded(text: str, quiet: bool, quantization: str) -> Path:
-    if text.startswith("HF://") and text != EMBEDDED_HF:
+    if text.startswith("HF://") and embedded_for_repo(text[len("HF://"):]) is None:
         repo = text[len("HF://"):]
         try:
             from huggingface_hub import snapshot_download

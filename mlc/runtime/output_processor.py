@@ -56,6 +56,35 @@ class OutputProcessor:
             out = self.accept([(s, [t]) for s, t in zip(result.seqs, sampled)])
         return out + [(s, self.final_delta(s, "length")) for s in ended]
 
+    def process_verify(self, result) -> list[tuple[Sequence, ChoiceDelta]]:
+        """Accept the tokens of a verify step (`step.VerifyResult`): at position j each
+        sequence samples its token from row `rows[i] + j` as a decode step would; the draft
+        token there is accepted when it is the token drawn, and the first that differs (or a
+        stop token, or the end of the draft) ends the sequence's step."""
+        seqs, taken = result.seqs, [[] for _ in result.seqs]
+        active = list(range(len(seqs)))
+        j = 0
+        while active:
+            act = [seqs[i] for i in active]
+            masks = [self.token_mask(s) for s in act]
+            sampled = self.sampler.sample(result.logits, [result.rows[i] + j for i in active],
+                                          act, masks)
+            still = []
+            for i, tok in zip(active, sampled):
+                taken[i].append(tok)
+                for p in seqs[i].processors:      # (the next position's mask sees it)
+                    p.accept(tok.token_id)
+                draft = result.chunks[i][1:]
+                if j < len(draft) and tok.token_id == draft[j] \
+                        and tok.token_id not in seqs[i].request.stop_ids \
+                        and not any(p.is_finished() for p in seqs[i].processors):
+                    still.append(i)
+            active, j = still, j + 1
+        for seq, toks in zip(seqs, taken):
+            for p in seq.processors:
+                p.rollback(len(toks))
+        return self.accept(list(zip(seqs, taken)))
+
     @staticmethod
     def token_mask(seq: Sequence) -> np.ndarray | None:
         """The tokens a sequence's processors allow next (None: no constraint)."""

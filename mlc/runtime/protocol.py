@@ -1,7 +1,7 @@
 """OpenAI protocol types: chat/completions requests and responses (pydantic v2).
 
 Fields follow OpenAI's documentation order; mlc's extensions (top_k, repetition_penalty,
-ignore_eos, stop_token_ids, request_id) come last. Requests log and drop unknown fields rather
+ignore_eos, stop_token_ids, request_id) and MLC-LLM's `debug_config` come last. Requests log and drop unknown fields rather
 than failing, and every validation problem surfaces as `mlc.errors.BadRequestError` whose
 `param` is the path of the offending field (e.g. ``messages[1].content``), before any work.
 Responses behave like the `openai` package's objects: attribute access, `model_dump()`,
@@ -273,6 +273,46 @@ class ResponseFormat(RequestModel):
         return self
 
 
+class DisaggConfig(RequestModel):
+    """MLC-LLM's disaggregated prefill/decode metadata (mlc has no disaggregation)."""
+
+    kind: Literal["prepare_receive", "remote_send", "start_generation"] | None = None
+    kv_append_metadata: str | None = None
+    kv_window_begin: int | None = None
+    kv_window_end: int | None = None
+    dst_group_offset: int | None = None
+
+
+class DebugConfig(RequestModel):
+    """MLC-LLM's per-request debug options (`debug_config` in a body or in `extra_body=`),
+    with its names and defaults."""
+
+    ignore_eos: bool = False
+    """Keep generating past end-of-sequence tokens (until max_tokens)."""
+    pinned_system_prompt: bool = False
+    """Keep the system prompt's KV entries in the prefix cache (MLC-LLM only)."""
+    special_request: Literal["query_engine_metrics"] | None = None
+    """A request answered by the engine itself, e.g. its metrics in `usage.extra`."""
+    grammar_execution_mode: Literal["constraint", "jump_forward"] = "jump_forward"
+    """How a grammar is applied; both give the same output."""
+    disagg_config: DisaggConfig | None = None
+    """Disaggregation metadata (microserving)."""
+
+    def check_supported(self) -> None:
+        """Raise `BadRequestError` for options mlc cannot honour (rather than ignore them)."""
+        if self.pinned_system_prompt:
+            raise BadRequestError("debug_config.pinned_system_prompt needs a prefix cache, "
+                                  "which mlc does not have yet; drop it.",
+                                  param="debug_config.pinned_system_prompt")
+        if self.special_request is not None:
+            raise BadRequestError(f"debug_config.special_request={self.special_request!r} is "
+                                  "not supported by mlc; read GET /metrics instead.",
+                                  param="debug_config.special_request")
+        if self.disagg_config is not None:
+            raise BadRequestError("debug_config.disagg_config is not supported: mlc has no "
+                                  "disaggregated serving.", param="debug_config.disagg_config")
+
+
 # ---------------------------------------------------------------------------------------------
 # Shared validation of the sampling fields of both request types
 
@@ -345,6 +385,8 @@ class _SamplingRequest(TopLevelRequest):
         if self.stream_options is not None and not self.stream:
             raise BadRequestError("Invalid 'stream_options': only allowed when 'stream' "
                                   "is true.", param="stream_options")
+        if self.debug_config is not None:
+            self.debug_config.check_supported()
         if self.request_id is None:     # the one place a request gets its id
             self.request_id = random_id(id_prefix)
 
@@ -360,7 +402,9 @@ class _SamplingRequest(TopLevelRequest):
             logit_bias=dict(self.logit_bias or {}), logprobs=logprobs,
             top_logprobs=top_logprobs, max_tokens=max_tokens, seed=self.seed,
             stop_strs=_stop_list(self.stop), stop_token_ids=list(self.stop_token_ids or []),
-            ignore_eos=self.ignore_eos, response_format=response_format)
+            ignore_eos=self.ignore_eos or bool(self.debug_config and
+                                               self.debug_config.ignore_eos),
+            response_format=response_format)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -397,6 +441,7 @@ class ChatCompletionRequest(_SamplingRequest):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     request_id: str | None = None
+    debug_config: DebugConfig | None = None
 
     @field_validator("messages")
     @classmethod
@@ -441,7 +486,7 @@ class CompletionRequest(_SamplingRequest):
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     logit_bias: dict[int, float] | None = None
     logprobs: int | None = Field(default=None, ge=0, le=5)
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=0)   # 0: score the prompt (echo), no text
     n: int = Field(default=1, ge=1, le=128)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     seed: int | None = None
@@ -459,6 +504,7 @@ class CompletionRequest(_SamplingRequest):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     request_id: str | None = None
+    debug_config: DebugConfig | None = None
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -494,8 +540,10 @@ class CompletionRequest(_SamplingRequest):
 
     def to_generation_config(self) -> GenerationConfig:
         """The request's sampling settings; unset ones stay None (see `with_defaults`)."""
-        return self._generation_config(self.max_tokens, self.logprobs is not None,
-                                       self.logprobs or 0)
+        gen = self._generation_config(self.max_tokens, self.logprobs is not None,
+                                      self.logprobs or 0)
+        gen.prompt_logprobs = self.echo and self.logprobs is not None
+        return gen
 
 
 def _merge_args(data: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -598,12 +646,19 @@ class Choice(BaseModel):
     message: ChatCompletionMessage
 
 
+class PromptTokensDetails(BaseModel):
+    """OpenAI's breakdown of the prompt tokens: those served from the prefix cache."""
+
+    cached_tokens: int = 0
+
+
 class CompletionUsage(BaseModel):
     """Token counts of a request; `extra` holds mlc's metrics (e.g. timings)."""
 
     completion_tokens: int = 0
     prompt_tokens: int = 0
     total_tokens: int = 0
+    prompt_tokens_details: PromptTokensDetails | None = None
     extra: dict[str, Any] | None = None
 
 
@@ -671,7 +726,7 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int] | None = None
     token_logprobs: list[float | None] | None = None
     tokens: list[str] | None = None
-    top_logprobs: list[dict[str, float]] | None = None
+    top_logprobs: list[dict[str, float] | None] | None = None
 
 
 class CompletionChoice(BaseModel):

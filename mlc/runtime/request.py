@@ -57,6 +57,11 @@ class RequestOutput:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: Exception | None = None
+    cached_tokens: int = 0
+    """Prompt tokens whose KV entries came from the prefix cache (not computed)."""
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    """With `prompt_logprobs` set: each prompt token's logprob (None for the first), in the
+    request's first output."""
 
 
 class OutputSink(Protocol):
@@ -84,8 +89,11 @@ class Request:
         self.first_processors = [make(self.prompt_ids) for make in processor_factories]
         self.seqs: list[Sequence] = []
         self.forked = False                 # the n - 1 other choices exist
+        self.cached_tokens = 0              # prompt tokens reused from the prefix cache
         self.arrival = time.monotonic()
         self.first_token_time: float | None = None
+        self.prompt_logprobs: list[TokenLogprob | None] | None = None   # filled by prefill
+        self._prompt_logprobs_sent = False
 
     @property
     def finished(self) -> bool:
@@ -97,8 +105,12 @@ class Request:
 
     def output(self, deltas: list[ChoiceDelta]) -> RequestOutput:
         """This step's output of the request, with its token counts."""
+        prompt_logprobs = None
+        if self.prompt_logprobs is not None and not self._prompt_logprobs_sent:
+            prompt_logprobs, self._prompt_logprobs_sent = self.prompt_logprobs, True
         return RequestOutput(self.request_id, deltas, self.finished, len(self.prompt_ids),
-                             self.num_generated)
+                             self.num_generated, prompt_logprobs=prompt_logprobs,
+                             cached_tokens=self.cached_tokens)
 
 
 class Sequence:
@@ -146,4 +158,8 @@ class StepCounters:
     decode_steps: int = 0
     decode_seconds: float = 0.0
     preemptions: int = 0
+    prefix_cached_tokens: int = 0       # tokens admitted as forks of cached prefixes
+    prefix_evictions: int = 0
+    draft_tokens: int = 0               # speculative tokens proposed
+    accepted_draft_tokens: int = 0      # of those, accepted by the target
     finished_requests: dict[str, int] = field(default_factory=dict)

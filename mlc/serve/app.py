@@ -4,7 +4,9 @@
 
 Routes: `POST /v1/chat/completions`, `POST /v1/completions` (JSON, or SSE with
 ``stream: true``), `GET /v1/models`, `GET /v1/models/{id}`, `GET /health`, `GET /metrics`
-(Prometheus), and the schema at `/openapi.json`. The app uses only the engine's public
+(Prometheus), `POST /v1/responses` (`mlc.serve.responses`), `POST /v1/messages` (Anthropic's,
+`mlc.serve.anthropic`), `POST /debug/dump_event_trace`
+(with `enable_debug`, `mlc.serve.debug`), and the schema at `/openapi.json`. The app uses only the engine's public
 interface (`serve_request`, `abort`, `is_alive`, `metrics`, `model_id`, `serves_model`,
 `limits`). Request bodies are read as raw JSON and validated once, by the protocol's parse
 functions (which also drop unknown fields and give the request its id), so every problem is
@@ -46,6 +48,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from mlc.errors import BadRequestError, MLCError, ServerOverloadedError
 from mlc.runtime import protocol as P
 from mlc.runtime.grammar import response_format_from_extensions
+from mlc.serve import anthropic, debug, responses
 from mlc.serve.metrics import metrics_registry, render
 
 logger = logging.getLogger(__name__)
@@ -149,8 +152,10 @@ class _ServerState:
 
 def create_app(engine: Any, api_key: str | None = None, *,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-               max_waiting_requests: int = DEFAULT_MAX_WAITING_REQUESTS) -> FastAPI:
-    """The FastAPI app serving `engine` (an `AsyncMLCEngine`); `api_key` None = no auth."""
+               max_waiting_requests: int = DEFAULT_MAX_WAITING_REQUESTS,
+               enable_debug: bool = False) -> FastAPI:
+    """The FastAPI app serving `engine` (an `AsyncMLCEngine`); `api_key` None = no auth;
+    `enable_debug` adds the /debug routes (`mlc.serve.debug`)."""
     state = _ServerState(engine, api_key, ServerLimits(max_body_bytes, max_waiting_requests))
     app = FastAPI(title="mlc", summary="OpenAI-compatible LLM server (mlc on Apache TVM).",
                   version=_package_version())
@@ -229,13 +234,17 @@ def create_app(engine: Any, api_key: str | None = None, *,
                              "open_requests": state.open_requests},
                             status_code=200 if ok else 503)
 
+    responses.register(app, state, auth, _read_json)
+    anthropic.register(app, state, _read_json)
+    if enable_debug:
+        debug.register(app, state, auth, _read_json, NotFoundError)
     app.openapi = lambda: _openapi(app)
     return app
 
 
 def _model_card(state: _ServerState) -> dict:
     return {"id": state.engine.model_id, "object": "model", "created": state.started,
-            "owned_by": "mlc"}
+            "owned_by": "MLC-LLM"}     # MLC-LLM's value: its clients and tests expect it
 
 
 # ---------------------------------------------------------------------------------------------

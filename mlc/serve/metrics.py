@@ -65,6 +65,16 @@ class EngineCollector:
         yield counter("mlc:generation_tokens", "Generated tokens.", m.generation_tokens)
         yield counter("mlc:num_preemptions", "Requests preempted for KV-cache room.",
                       m.preemptions)
+        yield counter("mlc:prefix_cache_hit_tokens",
+                      "Prompt tokens reused from the prefix cache instead of computed.",
+                      m.prefix_cached_tokens)
+        yield counter("mlc:spec_decode_num_draft_tokens", "Speculative tokens proposed.",
+                      m.draft_tokens)
+        yield counter("mlc:spec_decode_num_accepted_tokens",
+                      "Speculative tokens the target model accepted.", m.accepted_draft_tokens)
+        yield gauge("mlc:spec_decode_draft_acceptance_rate",
+                    "Accepted / proposed speculative tokens (0 when none were proposed).",
+                    m.accepted_draft_tokens / m.draft_tokens if m.draft_tokens else 0.0)
         yield _histogram("mlc:time_to_first_token_seconds",
                          "Time from arrival to the first generated token.", model,
                          m.time_to_first_token)

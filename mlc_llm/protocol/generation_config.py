@@ -8,10 +8,9 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
-from mlc.errors import BadRequestError
 from mlc.runtime import generation_config as _G
-from mlc.runtime.protocol import ResponseFormat
-from mlc_llm.protocol.debug_protocol import DebugConfig
+from mlc.runtime import protocol as _P
+from mlc.runtime.protocol import DebugConfig, ResponseFormat
 
 
 class GenerationConfig(BaseModel):
@@ -34,31 +33,15 @@ class GenerationConfig(BaseModel):
     debug_config: DebugConfig | None = None
 
     def to_mlc(self) -> _G.GenerationConfig:
-        """The same settings as mlc's `GenerationConfig` (validated). Raises
-        `BadRequestError` for debug options mlc cannot honour."""
-        debug = self.debug_config or DebugConfig()
-        if debug.pinned_system_prompt:
-            raise BadRequestError("debug_config.pinned_system_prompt needs a prefix cache, which "
-                                  "mlc does not have yet; drop it.",
-                                  param="debug_config.pinned_system_prompt")
-        if debug.special_request is not None:
-            raise BadRequestError(f"debug_config.special_request={debug.special_request!r} is "
-                                  "not supported by mlc; drop it.",
-                                  param="debug_config.special_request")
-        if debug.disagg_config is not None:
-            raise BadRequestError("debug_config.disagg_config is not supported: mlc has no "
-                                  "disaggregated serving.", param="debug_config.disagg_config")
-        response_format = None
-        if self.response_format is not None and self.response_format.type != "text":
-            response_format = self.response_format.model_dump(by_alias=True, exclude_none=True)
-        return _G.GenerationConfig(
-            n=self.n, temperature=self.temperature, top_p=self.top_p,
-            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
-            repetition_penalty=self.repetition_penalty, logit_bias=dict(self.logit_bias or {}),
-            logprobs=self.logprobs, top_logprobs=self.top_logprobs,
-            max_tokens=None if self.max_tokens < 0 else self.max_tokens, seed=self.seed,
-            stop_strs=list(self.stop_strs or []), stop_token_ids=list(self.stop_token_ids or []),
-            ignore_eos=debug.ignore_eos, response_format=response_format).validate()
+        """The same settings as mlc's `GenerationConfig`, validated once, as a chat request's
+        are (`BadRequestError` naming the field; also for debug options mlc cannot honour)."""
+        fields = self.model_dump(exclude_none=True, exclude={"stop_strs", "max_tokens",
+                                                             "response_format", "debug_config"})
+        request = _P.ChatCompletionRequest(
+            messages=[{"role": "user", "content": ""}], **fields,
+            stop=self.stop_strs or None, max_tokens=None if self.max_tokens < 0 else self.max_tokens,
+            response_format=self.response_format, debug_config=self.debug_config)
+        return request.to_generation_config()
 
 
 __all__ = ["GenerationConfig"]

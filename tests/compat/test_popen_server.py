@@ -39,10 +39,14 @@ def test_serves_openai_clients_and_stops(tiny):
         client = openai.OpenAI(base_url=server.openai_v1_base_url, api_key="none",
                                max_retries=0, timeout=120)
         [card] = client.models.list().data
-        assert card.id == str(tiny.mlc_dir)
+        assert card.id == tiny.mlc_dir.name          # the directory's name, never a path
         resp = client.chat.completions.create(model=card.id, messages=[
             {"role": "user", "content": "Hello"}], max_tokens=4, temperature=0)
         assert resp.choices[0].message.role == "assistant"
+        # MLC-LLM's tests send the model path they started the server with: it is served too
+        by_path = client.chat.completions.create(model=str(tiny.mlc_dir), messages=[
+            {"role": "user", "content": "Hello"}], max_tokens=2, temperature=0)
+        assert by_path.choices[0].message.role == "assistant"
         assert resp.usage.completion_tokens == 4 and resp.choices[0].finish_reason == "length"
         streamed = "".join(c.choices[0].delta.content or "" for c in
                            client.chat.completions.create(model=card.id, messages=[

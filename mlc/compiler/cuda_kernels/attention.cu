@@ -1018,14 +1018,10 @@ void AttnDecodePaged(TensorView q, TensorView pages, TensorView page_indptr,
 }  // namespace attn
 }  // namespace mlc
 
-// Every CUDA model library carries these kernels: the library loaded last provides them
-// (override), so loading two models in one process does not fail on a duplicate name.
+// Every CUDA model library carries these kernels (see RegisterKernel in cuda_check.h).
 TVM_FFI_STATIC_INIT_BLOCK() {
   using tvm::ffi::Function;
-  Function::SetGlobal("mlc.cuda.attn_prefill_ragged",
-                      Function::FromTyped(mlc::attn::AttnPrefillRagged), true);
-  Function::SetGlobal("mlc.cuda.attn_prefill_paged",
-                      Function::FromTyped(mlc::attn::AttnPrefillPaged), true);
-  Function::SetGlobal("mlc.cuda.attn_decode_paged",
-                      Function::FromTyped(mlc::attn::AttnDecodePaged), true);
+  mlc::RegisterKernel("attn_prefill_ragged", Function::FromTyped(mlc::attn::AttnPrefillRagged));
+  mlc::RegisterKernel("attn_prefill_paged", Function::FromTyped(mlc::attn::AttnPrefillPaged));
+  mlc::RegisterKernel("attn_decode_paged", Function::FromTyped(mlc::attn::AttnDecodePaged));
 }

@@ -3,8 +3,17 @@
 #pragma once
 
 #include <cuda_runtime.h>
+#include <dlfcn.h>
+
+#include <string>
 
 #include <tvm/ffi/error.h>
+#include <tvm/ffi/function.h>
+
+// The digest of the kernel sources this object was built from (cuda_support.py passes it).
+#ifndef MLC_KERNEL_DIGEST
+#define MLC_KERNEL_DIGEST "dev"
+#endif
 
 // A failed CUDA runtime call becomes a TVM error naming the CUDA error.
 #define MLC_CUDA_CHECK(expr)                                                          \
@@ -12,3 +21,37 @@
     cudaError_t err_ = (expr);                                                        \
     TVM_FFI_ICHECK(err_ == cudaSuccess) << "CUDA error: " << cudaGetErrorString(err_); \
   } while (0)
+
+// Registration of a kernel as process-global functions. Every CUDA model library links these
+// kernels in, and several libraries (a target and its draft model) load into one process:
+// - the library calls `mlc.cuda.<digest>.<name>`, the digest naming the kernel sources, so two
+//   libraries built from different kernel code each call their own; libraries with identical
+//   code share the first registration (a second one is skipped, never overridden);
+// - `mlc.cuda.<name>` (for benchmarks and tests) is the first library's, never replaced;
+// - a library that registers anything stays loaded for the life of the process
+//   (RTLD_NODELETE), so no registered function ever points into unloaded code.
+namespace mlc {
+namespace {
+int pin_anchor = 0;
+
+inline void PinThisLibrary() {
+  Dl_info info;
+  if (dladdr(&pin_anchor, &info) && info.dli_fname != nullptr) {
+    dlopen(info.dli_fname, RTLD_NOW | RTLD_NOLOAD | RTLD_NODELETE);
+  }
+}
+
+inline void RegisterKernel(const char* name, tvm::ffi::Function f) {
+  using tvm::ffi::Function;
+  bool registered = false;
+  for (const std::string& full : {std::string("mlc.cuda." MLC_KERNEL_DIGEST ".") + name,
+                                  std::string("mlc.cuda.") + name}) {
+    if (!Function::GetGlobal(full).has_value()) {
+      Function::SetGlobal(full, f, /*can_override=*/false);
+      registered = true;
+    }
+  }
+  if (registered) PinThisLibrary();
+}
+}  // namespace
+}  // namespace mlc

