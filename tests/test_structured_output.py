@@ -360,6 +360,22 @@ def test_grammar_under_ngram_speculation(smol_engine_dir):
             outputs[mode] = (choice.message.content, choice.finish_reason)
             if mode == "ngram":
                 assert eng.stats().draft_tokens > 0
+                # a forced call streamed with several tokens per delta where drafts are taken
+                call = dict(messages=ask("Weather in Paris, in C? Paris, C."), tools=[WEATHER],
+                            tool_choice={"type": "function", "function": {"name": "get_weather"}},
+                            parallel_tool_calls=False, max_tokens=MAX_TOKENS, temperature=0)
+                whole = eng.chat.completions.create(**call).choices[0].message.tool_calls
+                streamed = {}
+                for chunk in eng.chat.completions.create(**call, stream=True):
+                    for c in chunk.choices:
+                        for tc in c.delta.tool_calls or []:
+                            entry = streamed.setdefault(tc.index, {"name": None, "args": ""})
+                            entry["name"] = entry["name"] or (tc.function.name if tc.id else None)
+                            entry["args"] += tc.function.arguments or ""
+                assert [(e["name"], e["args"]) for e in streamed.values()] == \
+                    [(c.function.name, c.function.arguments) for c in whole]
+                jsonschema.validate(json.loads(whole[0].function.arguments),
+                                    SCHEMAS["get_weather"])
         finally:
             eng.terminate()
     assert outputs["ngram"] == outputs["disable"]
