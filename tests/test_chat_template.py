@@ -1,4 +1,5 @@
-"""Chat templates (HF jinja and MLC-LLM conv templates) and tool-call parsing."""
+"""Chat templates (HF jinja and MLC-LLM conv templates); tool-call parsing is tested in
+test_tool_calls.py."""
 
 import json
 
@@ -6,7 +7,6 @@ import pytest
 
 from mlc.errors import BadRequestError
 from mlc.runtime.chat_template import (
-    parse_tool_calls,
     render_chat,
     resolve_conv_template,
 )
@@ -145,39 +145,6 @@ def test_default_and_unknown_conv_templates():
         render_chat({"conv_template": "nope"}, MSGS)
     with pytest.raises(BadRequestError):
         render_chat({"conv_template": "chatml"}, [])
-
-
-def test_parse_tool_calls_formats():
-    tools = [{"type": "function", "function": {"name": "get_weather"}},
-             {"type": "function", "function": {"name": "get_time"}}]
-    plain = parse_tool_calls('{"name": "get_weather", "arguments": {"city": "Paris"}}', tools)
-    assert plain[0]["type"] == "function" and plain[0]["id"].startswith("call_")
-    assert plain[0]["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
-    params = parse_tool_calls('<|python_tag|>{"name": "get_time", "parameters": {}}', tools)
-    assert params[0]["function"]["arguments"] == "{}"
-    listed = parse_tool_calls('[{"name": "get_time", "arguments": {}}, '
-                              '{"name": "get_weather", "arguments": "{\\"city\\": \\"Oslo\\"}"}]')
-    assert [c["function"]["name"] for c in listed] == ["get_time", "get_weather"]
-    assert json.loads(listed[1]["function"]["arguments"]) == {"city": "Oslo"}
-    tagged = parse_tool_calls(
-        'Sure.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Köln"}}\n'
-        '</tool_call>\n<tool_call>{"name": "get_time", "arguments": {}}</tool_call>', tools)
-    assert len(tagged) == 2 and '"Köln"' in tagged[0]["function"]["arguments"]
-    fenced = parse_tool_calls('```json\n{"name": "get_time", "arguments": {}}\n```', tools)
-    assert fenced[0]["function"]["name"] == "get_time"
-    assert len({c["id"] for c in tagged}) == 2
-
-
-@pytest.mark.parametrize("text", [
-    "The weather is nice.",
-    '{"name": "unknown_tool", "arguments": {}}',
-    '{"name": "Bob", "age": 3}',
-    '{"name": "get_time", "arguments": [1]}',
-    '<tool_call>{"name": "get_time", "arguments": {</tool_call>',
-    "",
-])
-def test_parse_tool_calls_rejects_non_calls(text):
-    assert parse_tool_calls(text, [{"type": "function", "function": {"name": "get_time"}}]) is None
 
 
 def test_render_parsed_request_messages():

@@ -727,9 +727,14 @@ BAD_REQUESTS = [
     (dict(messages=msgs(), n=0), "n"),
     (dict(messages=msgs(), n=5), "n"),   # more choices than max_batch_size: never admitted
     (dict(messages=msgs(), model="gpt-4o"), "model"),
+    # a grammar that cannot be enforced is refused, never answered with free text
     (dict(messages=msgs(), response_format={"type": "json_schema", "json_schema": {
-        "name": "x", "schema": {"type": "object"}}}), "response_format"),
-    (dict(messages=msgs(), response_format={"type": "json_object"}), "response_format"),
+        "name": "x", "schema": {"type": "array", "uniqueItems": True}}}),
+     "response_format.json_schema.schema"),
+    (dict(messages=msgs(), response_format={"type": "json_object", "schema": "{oops"}),
+     "response_format.schema"),
+    (dict(messages=msgs(), response_format={"type": "regex", "regex": "(unclosed"}),
+     "response_format.regex"),
     (dict(messages=msgs(), logit_bias={"999": 5}), "logit_bias"),
     (dict(messages=msgs(), stream_options={"include_usage": True}), "stream_options"),
 ]

@@ -173,7 +173,8 @@ def test_bad_request_fails_before_work_while_others_run(engine, slow_decode):
         errors = []
         for bad in (dict(messages=[]), args("x", temperature=-1), args("x", top_p=2.0),
                     args("x", n=0), args("x", max_tokens=0), args("x", model="other"),
-                    args("x", response_format={"type": "json_object"})):
+                    args("x", response_format={"type": "json_schema", "json_schema": {
+                        "name": "x", "schema": {"type": "array", "uniqueItems": True}}})):
             for stream in (False, True):
                 with pytest.raises(BadRequestError) as e:
                     await engine.chat.completions.create(stream=stream, **bad)
@@ -185,7 +186,8 @@ def test_bad_request_fails_before_work_while_others_run(engine, slow_decode):
     alone, text, reason, errors = asyncio.run(main())
     assert text == alone.choices[0].message.content and reason == "length"
     assert errors == [p for p in ("messages", "temperature", "top_p", "n", "max_tokens",
-                                  "model", "response_format") for _ in range(2)]
+                                  "model", "response_format.json_schema.schema")
+                      for _ in range(2)]
 
 
 def test_async_terminate(tiny, slow_decode):

@@ -438,6 +438,33 @@ def test_batched_bitmasks_match_single(compiler, closers, smollm2_tokenizer):
         np.testing.assert_array_equal(p.token_mask(), bits)
 
 
+def test_prefetched_masks_match_and_every_method_waits(compiler, closers, smollm2_tokenizer):
+    """The engine's prefetch (a background batch after accept) gives the masks a fresh
+    computation gives; accept, fork and rollback right after a prefetch see a settled state."""
+    rng = np.random.default_rng(11)
+    for _ in range(3):
+        procs, walks = [], []
+        for name, schema in SCHEMAS[:8]:
+            compiled = compiler.compile(G.json_schema_grammar(schema))
+            walk = random_walk(compiled.processor(), rng, EOS, closers)
+            proc = compiled.processor()
+            proc.accept(walk.ids[0])
+            procs.append(proc)
+            walks.append(walk)
+        expected = np.stack([p.fork().token_mask() for p in procs])
+        G.prefetch_token_bitmasks(procs)
+        for i, (p, walk) in enumerate(zip(procs, walks)):
+            if i % 3 == 0:
+                np.testing.assert_array_equal(p.token_mask(), expected[i])
+            elif i % 3 == 1 and len(walk.ids) > 1:
+                p.accept(walk.ids[1])          # waits for the pending mask, then advances
+                p.rollback(1)
+                np.testing.assert_array_equal(p.token_mask(), expected[i])
+            else:
+                np.testing.assert_array_equal(p.fork().token_mask(), expected[i])
+    G.prefetch_token_bitmasks([])               # nothing to do
+
+
 def test_caches(smollm2_tokenizer, compiler):
     """One compiler per tokenizer (and vocab/EOS); one compiled grammar per grammar text."""
     assert G.grammar_compiler(smollm2_tokenizer, VOCAB, EOS) is compiler

@@ -441,7 +441,9 @@ COMPLETION_BODY = st.fixed_dictionaries(
     {"prompt": _mostly(st.one_of(st.text(min_size=1, max_size=20),
                                  st.lists(st.integers(0, 49151), min_size=1, max_size=4),
                                  st.lists(st.text(max_size=5), max_size=2))),
-     "max_tokens": _MAX_TOKENS},
+     # (max_tokens 0 is valid for completions: it scores the prompt, generating nothing)
+     "max_tokens": st.one_of(st.just(10**6), st.integers(-5, -1),
+                             st.sampled_from(["", "many", 2.5, [], {}]))},
     optional={**_SAMPLING, "logprobs": _mostly(st.integers(0, 5)), "echo": _mostly(st.booleans()),
               "suffix": _JUNK, "best_of": _mostly(st.integers(1, 2))})
 

@@ -274,6 +274,8 @@ SAMPLES = [
     # a bare JSON call (no tags), "parameters" spelling, no arguments at all
     ('{"name": "add", "parameters": {"a": 1, "b": 2}}', None, [("add", '{"a": 1, "b": 2}')]),
     ('<tool_call>{"name": "get_time"}</tool_call>', None, [("get_time", "{}")]),
+    # max_tokens cut the output inside the closing tag: no "</tool_" content
+    ('<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_', None, [("get_time", "{}")]),
     # arguments given as a JSON string, and before the name
     ('<tool_call>{"arguments": "{\\"a\\": 3, \\"b\\": null}", "name": "add"}</tool_call>', None,
      [("add", '{"a": 3, "b": null}')]),

@@ -1,4 +1,5 @@
-"""Chat messages -> prompt text, and tool calls back out of model text.
+"""Chat messages -> prompt text (tool calls are parsed out of model text by
+`mlc.runtime.tool_calls`).
 
 A model's prompt format comes from its `mlc-chat-config.json`:
   * `chat_template`: a Hugging Face jinja2 template (preferred when present), rendered in a
@@ -16,8 +17,6 @@ import datetime
 import functools
 import json
 import logging
-import re
-import uuid
 from typing import Any, Sequence
 
 import jinja2
@@ -339,92 +338,3 @@ def render_chat(chat_config: Any, messages: Sequence[Any], tools: list | None = 
                             bos_token=_get(chat_config, "bos_token") or "",
                             eos_token=_get(chat_config, "eos_token") or "", **template_kwargs)
     return render_conv_template(conv, normalized, tool_dicts or None, add_generation_prompt)
-
-
-# ---------------------------------------------------------------------------------------------
-# Tool calls in model output
-
-_TOOL_CALL_TAG = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.DOTALL)
-_CODE_FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL)
-_CALL_PREFIXES = ("<|python_tag|>", "[TOOL_CALLS]", "functools")
-
-
-def parse_tool_calls(text: str, tools: list | None = None) -> list[dict[str, Any]] | None:
-    """Tool calls in model output, as OpenAI `tool_calls`, or None if the text is not one.
-
-    Understands a JSON object {"name": ..., "arguments" | "parameters": {...}} (both keys
-    required; {"type": "function", "function": {...}} too) or a list of
-    them, optionally inside <tool_call>...</tool_call> tags, a ```json fence, or after a
-    <|python_tag|> / [TOOL_CALLS] marker. When `tools` are given, every call must name one.
-    Returns [{"id": "call_<hex>", "type": "function", "function": {"name", "arguments"}}]
-    with `arguments` a JSON string.
-    """
-    text = text.strip()
-    tagged = _TOOL_CALL_TAG.findall(text)
-    chunks = tagged if tagged else [text]
-    objects: list[Any] = []
-    for chunk in chunks:
-        parsed = _json_values(_strip_wrappers(chunk))
-        if parsed is None:
-            return None
-        objects.extend(parsed)
-    names = None
-    if tools:
-        names = {(t.get("function") or t).get("name") if isinstance(t, dict)
-                 else t.function.name for t in tools}
-    calls = []
-    for obj in objects:
-        call = _as_call(obj)
-        if call is None or (names is not None and call[0] not in names):
-            return None
-        calls.append({"id": "call_" + uuid.uuid4().hex, "type": "function",
-                      "function": {"name": call[0], "arguments": call[1]}})
-    return calls or None
-
-
-def _strip_wrappers(chunk: str) -> str:
-    chunk = chunk.strip()
-    fence = _CODE_FENCE.match(chunk)
-    if fence:
-        chunk = fence.group(1).strip()
-    for prefix in _CALL_PREFIXES:
-        if chunk.startswith(prefix):
-            chunk = chunk[len(prefix):].strip()
-    return chunk
-
-
-def _json_values(chunk: str) -> list[Any] | None:
-    """All JSON values in chunk, separated by whitespace, ';' or ','; None if anything else."""
-    decoder = json.JSONDecoder()
-    values, pos = [], 0
-    while pos < len(chunk):
-        while pos < len(chunk) and (chunk[pos].isspace() or chunk[pos] in ";,"):
-            pos += 1
-        if pos >= len(chunk):
-            break
-        try:
-            value, pos = decoder.raw_decode(chunk, pos)
-        except json.JSONDecodeError:
-            return None
-        values.extend(value if isinstance(value, list) else [value])
-    return values or None
-
-
-def _as_call(obj: Any) -> tuple[str, str] | None:
-    """(name, arguments JSON string) of one call object, or None if it is not a call."""
-    if not isinstance(obj, dict):
-        return None
-    if isinstance(obj.get("function"), dict):
-        obj = obj["function"]
-    name = obj.get("name")
-    arguments = obj.get("arguments", obj.get("parameters"))
-    if not isinstance(name, str) or not name or arguments is None:
-        return None
-    if isinstance(arguments, str):
-        try:
-            arguments = json.loads(arguments)
-        except json.JSONDecodeError:
-            return None
-    if not isinstance(arguments, dict):
-        return None
-    return name, json.dumps(arguments, ensure_ascii=False)

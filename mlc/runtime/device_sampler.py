@@ -44,7 +44,7 @@ class DeviceSampler:
                 for p in edits:
                     p.apply(row)
                 if masks[i] is not None:
-                    row[~masks[i]] = -np.inf
+                    np.putmask(row, ~masks[i], -np.inf)
                 if edits or masks[i] is not None:
                     runner.row(x, i).copyfrom(row[None])
                 host_rows[i] = row

@@ -35,11 +35,16 @@ from mlc.errors import (
     ModelLoadError,
 )
 from mlc.runtime import protocol as P
-from mlc.runtime.chat_template import parse_tool_calls, render_chat
+from mlc.runtime.chat_template import render_chat
 from mlc.runtime.device import parse_runtime_device
 from mlc.runtime.device_sampler import DeviceSampler
 from mlc.runtime.engine_core import EngineCore
 from mlc.runtime.generation_config import GenerationConfig
+from mlc.runtime.grammar import (
+    CompiledGrammar,
+    grammar_compiler,
+    grammar_from_response_format,
+)
 from mlc.runtime.memory_plan import plan_memory
 from mlc.runtime.metrics import EngineStats, MetricsSnapshot
 from mlc.runtime.model import SAMPLING_FUNCTIONS, KVCacheConfig, LoadedModel
@@ -47,6 +52,11 @@ from mlc.runtime.model_source import EMBEDDED_NAME, resolve_model
 from mlc.runtime.penalties import builtin_processor_factories
 from mlc.runtime.request import EngineLimits, Request, RequestOutput
 from mlc.runtime.sampler import HostSampler
+from mlc.runtime.tool_calls import (
+    ToolCallStreamParser,
+    compile_tool_choice,
+    parse_tool_calls,
+)
 from mlc.runtime.tracing import Tracer
 from mlc.support.tensor_cache import numpy_dtype
 
@@ -155,6 +165,16 @@ class _EngineBase:
                                 prefix_cache=prefix_cache_mode == "radix",
                                 speculation=self._speculation())
         self._terminated = False
+        self._grammar_compiler = None      # built on the first constrained request
+
+    @property
+    def grammar_compiler(self):
+        """The engine's `grammar.GrammarCompiler` (one per engine, built on first use: ~0.2 s
+        for the llguidance tokenizer; requests without a grammar never build it)."""
+        if self._grammar_compiler is None:
+            self._grammar_compiler = grammar_compiler(
+                self.tokenizer, self.model.vocab_size, self.chat_config.eos_token_id or [])
+        return self._grammar_compiler
 
     def _speculation(self):
         """(drafter, draft length) of the speculative mode, or None."""
@@ -281,12 +301,6 @@ class _EngineBase:
         """The model's defaults and the checks only the model can make (vocabulary, context
         window, batch size); the request's own fields were validated by the protocol."""
         gen = gen.with_defaults(self.chat_config).check_for_model(self.model.vocab_size)
-        if gen.response_format and gen.response_format.get("type", "text") != "text" \
-                and not gen.logit_processors:
-            raise BadRequestError(
-                f"response_format type {gen.response_format['type']!r} needs grammar-"
-                "constrained decoding, which this mlc build does not support yet; the request "
-                "was refused rather than answered unconstrained.", param="response_format")
         if gen.n > self.limits.max_batch_size:   # would never be admitted
             raise BadRequestError(
                 f"Invalid 'n': {gen.n} choices exceed this engine's max_batch_size "
@@ -302,6 +316,19 @@ class _EngineBase:
                 param="max_tokens" if prompt_len < ctx and gen.max_tokens else prompt_param)
         return gen
 
+    def _with_grammar(self, gen: GenerationConfig,
+                      compiled: CompiledGrammar | None = None) -> GenerationConfig:
+        """Compile the request's grammar (a forced tool_choice's, given as `compiled`, else
+        its `response_format`'s) and attach one `GrammarProcessor` per sequence. A grammar
+        that does not compile is a `BadRequestError` naming its field, before any work."""
+        if compiled is None:
+            spec = grammar_from_response_format(gen.response_format)
+            if spec is None:
+                return gen
+            compiled = self.grammar_compiler.compile(spec)
+        factory = lambda prompt_ids: compiled.processor()
+        return dataclasses.replace(gen, logit_processors=[*gen.logit_processors, factory])
+
     def _prepare_chat(self, request) -> tuple[P.ChatCompletionRequest, list[int],
                                               GenerationConfig, bool]:
         req = P.parse_chat_request(request)
@@ -310,7 +337,11 @@ class _EngineBase:
         ids = self._encode(render_chat(self.chat_config, req.messages,
                                        tools=req.tools if use_tools else None))
         gen = self._finish_config(req.to_generation_config(), len(ids), "messages")
-        return req, ids, gen, use_tools
+        forced = None
+        if use_tools and req.tool_choice not in (None, "auto"):     # "required" or named
+            forced = compile_tool_choice(self.grammar_compiler, req.tools, req.tool_choice,
+                                         req.parallel_tool_calls)
+        return req, ids, self._with_grammar(gen, forced), use_tools
 
     def _prepare_completion(self, request) -> tuple[P.CompletionRequest, list[int],
                                                     GenerationConfig]:
@@ -324,7 +355,7 @@ class _EngineBase:
         gen = self._finish_config(req.to_generation_config(), len(ids), "prompt")
         if gen.max_tokens == 0:     # score the prompt only: the one token sampled is dropped
             gen = dataclasses.replace(gen, max_tokens=1)
-        return req, ids, gen
+        return req, ids, self._with_grammar(gen)
 
     def _submit(self, request_id: str, ids: list[int], gen: GenerationConfig):
         """Hand a request to the loop; its outputs arrive on the returned stream."""
@@ -426,19 +457,20 @@ class _EngineBase:
             text = d.text
             tool_calls = None
             reason = d.finish_reason
-            if use_tools:
-                state.text[d.index] = state.text.get(d.index, "") + text
-                text = ""
+            if use_tools:     # content and OpenAI's tool-call deltas, as the text arrives
+                parser = state.parsers.get(d.index)
+                if parser is None:
+                    parser = state.parsers[d.index] = ToolCallStreamParser(req.tools)
+                parsed = parser.feed(text)
                 if reason:
-                    calls = parse_tool_calls(state.text[d.index], req.tools)
-                    if calls:
-                        tool_calls = [P.ChoiceDeltaToolCall(
-                            index=i, id=c["id"], type="function",
-                            function=P.ChoiceDeltaFunctionCall(**c["function"]))
-                            for i, c in enumerate(calls)]
+                    tail = parser.finish()
+                    parsed.content += tail.content
+                    parsed.tool_calls += tail.tool_calls
+                    if reason == "stop" and parser.tool_calls:
                         reason = "tool_calls"
-                    else:
-                        text = state.text[d.index]
+                text = parsed.content
+                tool_calls = [P.ChoiceDeltaToolCall(**c.to_openai()) for c in parsed.tool_calls
+                              if c.index == 0 or req.parallel_tool_calls is not False] or None
             if not (text or first or reason or tool_calls or d.logprobs):
                 continue
             choices.append(P.ChunkChoice(
@@ -446,7 +478,8 @@ class _EngineBase:
                 # content stays a str (MLC-LLM's examples concatenate every delta's content);
                 # the role is in every chunk, as MLC-LLM sends it (OpenAI: the first only)
                 delta=P.Delta(role="assistant",
-                              content=None if tool_calls else text, tool_calls=tool_calls),
+                              content=None if tool_calls and not text else text,
+                              tool_calls=tool_calls),
                 logprobs=self._chat_logprobs(d)))
         chunks = []
         if choices:
@@ -471,12 +504,16 @@ class _EngineBase:
         choices = []
         for i in range(req.n):
             content, tool_calls, reason = text[i], None, reasons.get(i, "stop")
-            if use_tools:
-                calls = parse_tool_calls(content, req.tools)
-                if calls:
-                    tool_calls = [P.ChatCompletionMessageToolCall(
-                        id=c["id"], function=P.Function(**c["function"])) for c in calls]
-                    content, reason = None, "tool_calls"
+            parsed = parse_tool_calls(content, req.tools) if use_tools else None
+            if parsed is not None and parsed.tool_calls:
+                calls = parsed.tool_calls
+                if req.parallel_tool_calls is False:
+                    calls = calls[:1]
+                tool_calls = [P.ChatCompletionMessageToolCall(
+                    id=c["id"], function=P.Function(**c["function"])) for c in calls]
+                content = parsed.content
+                if reason == "stop":
+                    reason = "tool_calls"
             choices.append(P.Choice(
                 index=i, finish_reason=reason,
                 message=P.ChatCompletionMessage(content=content, tool_calls=tool_calls),
@@ -577,7 +614,7 @@ class _EngineBase:
         """`_chat_chunks` as JSON text: plain text deltas are written directly, anything
         richer (logprobs, tool calls, usage) goes through the response objects."""
         if use_tools or any(d.logprobs for d in out.deltas):
-            return [c.model_dump_json() for c in self._chat_chunks(
+            return [_chat_chunk_json(c) for c in self._chat_chunks(
                 req, out, render.rid, render.created, state, use_tools)]
         choices = []
         for d in out.deltas:
@@ -609,6 +646,20 @@ class _EngineBase:
 
     def _prompt_text(self, req) -> str:
         return req.prompt if isinstance(req.prompt, str) else self.tokenizer.decode(req.prompt)
+
+
+def _chat_chunk_json(chunk: P.ChatCompletionChunk) -> str:
+    """A chunk as JSON; tool-call deltas leave out their unset keys, as OpenAI's do (a
+    continuation `{"index", "function": {"arguments"}}` with `"type": null` would overwrite
+    the type that clients such as openai's stream helper accumulated)."""
+    if not any(c.delta.tool_calls for c in chunk.choices):
+        return chunk.model_dump_json()
+    data = chunk.model_dump(mode="json")
+    for choice, obj in zip(data["choices"], chunk.choices):
+        if obj.delta.tool_calls:
+            choice["delta"]["tool_calls"] = [t.model_dump(mode="json", exclude_none=True)
+                                             for t in obj.delta.tool_calls]
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
 
 
 def _load_tokenizer(model_dir: Path):
@@ -675,7 +726,7 @@ class _StreamState:
     """Per-request state of turning outputs into stream chunks."""
 
     started: set[int] = field(default_factory=set)      # choices that sent a chunk
-    text: dict[int, str] = field(default_factory=dict)  # held text of tool-call choices
+    parsers: dict[int, ToolCallStreamParser] = field(default_factory=dict)  # tool calls
     offsets: dict[int, int] = field(default_factory=dict)
     prompt: str = ""                                    # echo of completions
     prompt_ids: list[int] = field(default_factory=list)

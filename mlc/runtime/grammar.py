@@ -360,11 +360,19 @@ class GrammarProcessor(LogitProcessor):
         self.vocab_size = vocab_size
         self._bits = np.zeros(mask_words, np.int32)
         self._bits_valid = False
+        self._job: Any = None        # a `prefetch_token_bitmasks` computing this mask
         self.num_accepted = 0
+
+    def _sync(self) -> None:
+        """Wait for a prefetched mask still being computed (its error surfaces here)."""
+        job, self._job = self._job, None
+        if job is not None:
+            job.result()
 
     def token_bitmask(self) -> np.ndarray:
         """int32[ceil(tokenizer vocab / 32)]: bit (i % 32) of word (i // 32) allows token i.
         The array is the processor's own buffer: copy it to keep it past the next accept."""
+        self._sync()
         if not self._bits_valid:
             self._matcher.unsafe_compute_mask_ptr(self._bits.ctypes.data, self._bits.nbytes)
             self._check()
@@ -379,6 +387,7 @@ class GrammarProcessor(LogitProcessor):
 
     def accept(self, token_id: int) -> None:
         """Advance past a sampled token; raises `GrammarStateError` if the grammar forbids it."""
+        self._sync()
         if not self._matcher.consume_token(int(token_id)):
             raise GrammarStateError(
                 f"token {token_id} violates the grammar: {self._matcher.get_error()}")
@@ -387,16 +396,19 @@ class GrammarProcessor(LogitProcessor):
 
     def is_finished(self) -> bool:
         """True once the grammar admits no further token (EOS aside)."""
+        self._sync()
         return self._matcher.is_stopped()
 
     def is_accepting(self) -> bool:
         """True when the output so far is complete (it may still be extended)."""
+        self._sync()
         return self._matcher.is_accepting()
 
     def rollback(self, n: int) -> None:
         """Forget the last `n` accepted tokens."""
         if n <= 0:
             return
+        self._sync()
         if n > self.num_accepted or not self._matcher.rollback(n):
             raise GrammarStateError(f"cannot roll back {n} tokens: "
                                     f"{self._matcher.get_error() or 'too many'}")
@@ -405,6 +417,7 @@ class GrammarProcessor(LogitProcessor):
 
     def fork(self) -> GrammarProcessor:
         """An independent copy (for n > 1 choices)."""
+        self._sync()
         twin = GrammarProcessor(self._matcher.deep_copy(), self.vocab_size, self._bits.shape[0])
         twin.num_accepted = self.num_accepted
         return twin
@@ -439,3 +452,28 @@ def fill_token_bitmasks(processors: Sequence[GrammarProcessor],
         p._bits[:] = out[i]
         p._bits_valid = True
     return out
+
+
+_prefetcher: Any = None
+_prefetcher_lock = threading.Lock()
+
+
+def prefetch_token_bitmasks(processors: Sequence[GrammarProcessor]) -> None:
+    """Start computing the next masks of `processors` (`fill_token_bitmasks`, one batch) on a
+    background thread and return at once: llguidance releases the GIL, so the masks are
+    computed while the engine runs the next forward pass. Every method of a processor waits
+    for its pending mask first, so callers need no other synchronization."""
+    global _prefetcher
+    todo = [p for p in processors if not p._bits_valid and p._job is None
+            and not p._matcher.is_stopped()]
+    if not todo:
+        return
+    if _prefetcher is None:
+        with _prefetcher_lock:
+            if _prefetcher is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                _prefetcher = ThreadPoolExecutor(1, thread_name_prefix="mlc-grammar-masks")
+    job = _prefetcher.submit(fill_token_bitmasks, todo)
+    for p in todo:
+        p._job = job

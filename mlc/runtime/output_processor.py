@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mlc.runtime.detokenizer import detokenize_step
+from mlc.runtime.grammar import GrammarProcessor, prefetch_token_bitmasks
 from mlc.runtime.request import ChoiceDelta, EngineLimits, Sequence, TokenLogprob
 from mlc.runtime.sampler import SampledToken
 from mlc.runtime.step import StepResult
@@ -103,7 +104,19 @@ class OutputProcessor:
                                 [p.seq.detok for p in with_text],
                                 [p.text_ids for p in with_text]) if with_text else []
         text_of = {id(p): t for p, t in zip(with_text, texts)}
-        return [(p.seq, self._delta(p, text_of.get(id(p), ""))) for p in plans]
+        deltas = [(p.seq, self._delta(p, text_of.get(id(p), ""))) for p in plans]
+        self._prefetch_masks(deltas)
+        return deltas
+
+    @staticmethod
+    def _prefetch_masks(deltas: list[tuple[Sequence, ChoiceDelta]]) -> None:
+        """Start the next grammar masks of the sequences that go on, as one batch on a
+        background thread, so they are computed while the next forward pass runs (sequences
+        without a grammar add nothing)."""
+        grammars = [p for seq, d in deltas if d.finish_reason is None
+                    for p in seq.processors if isinstance(p, GrammarProcessor)]
+        if grammars:
+            prefetch_token_bitmasks(grammars)
 
     def _check_tokens(self, seq: Sequence, tokens: list[SampledToken]) -> _Accepted:
         cfg, req = seq.config, seq.request

