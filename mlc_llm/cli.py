@@ -341,7 +341,7 @@ def build_chat_config(source: str, quantization: str, tokenizer_dir: Path,
             config = info.config_from_hf(src.hf_config, **overrides,
                                          prefill_chunk_size=config.context_window_size)
         names = mlc_convert._write_tokenizer(src, tokenizer_dir)
-        return mlc_convert._chat_config(src, model_type, quant, config, names)
+        return mlc_convert._chat_config(src, info, quant, config, names)
 
 
 def _apply_conv_template(chat, name: str | None) -> None:
