@@ -5,6 +5,7 @@ leaving with /exit, Ctrl-D or Ctrl-C at the prompt."""
 from __future__ import annotations
 
 import re
+import signal
 import sys
 import time
 from pathlib import Path
@@ -19,10 +20,16 @@ STATS = re.compile(r"prefill: ([\d.]+) tok/s \((\d+) tokens.*decode: ([\d.]+) to
                    r"\((\d+) tokens")
 
 
+def _default_sigint() -> None:
+    # A test run started in the background by a non-interactive shell ignores SIGINT, and a
+    # child inherits that: Ctrl-C must reach `mlc chat` as it does in a terminal.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def spawn_chat(model_dir: Path, *args: str):
     child = pexpect.spawn(sys.executable, ["-m", "mlc", "chat", str(model_dir), "--device",
                                            "cpu", *args], encoding="utf-8", timeout=180,
-                          dimensions=(50, 200))
+                          dimensions=(50, 200), preexec_fn=_default_sigint)
     child.expect_exact(PROMPT)
     return child
 
