@@ -370,6 +370,9 @@ def test_cli_compile_with_opt_and_overrides(tiny, tmp_path):
 
     meta = read_library_metadata(out)
     assert (meta["opt"], meta["prefill_chunk_size"], meta["max_batch_size"]) == ("O1", 32, 2)
+    # the CPU and the features the code was compiled for: printed and kept in the metadata
+    assert f"code for -mcpu={host_mcpu()}" in result.output
+    assert meta["cpu"]["mcpu"] == host_mcpu() and meta["cpu"]["cpu_model"]
     assert not list(tmp_path.glob(".*tmp*"))          # no temporary left behind
     model = load_model(b.mlc_dir, out, max_batch_size=2, prefill_chunk_size=32)
     ours, tokens = _greedy_run(model, 0, _prompt(12), 4)

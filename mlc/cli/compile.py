@@ -93,3 +93,7 @@ def compile_cmd(model_dir: Path, device: str, output: Path, quantization: str | 
     meta = result.metadata
     click.echo(f"compiled {meta.get('model_type')} {meta.get('quantization')} for "
                f"{result.device} ({opt.upper()}) in {result.seconds:.1f} s: {result.path}")
+    if "cpu" in meta:               # which CPU the code is for: it may not run on another
+        cpu = meta["cpu"]
+        click.echo(f"  host CPU: {cpu['cpu_model']}; code for -mcpu={cpu['mcpu']} "
+                   f"({' '.join(cpu['features']) or 'baseline x86-64'})")
