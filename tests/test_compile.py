@@ -591,3 +591,38 @@ def test_smollm2_q4f16_1_greedy_agrees(smollm2_q4f16_1, smollm2_reference):
                        max_total_sequence_length=512)
     _, tokens = _greedy_run(model, 0, prompt, 8)
     assert tokens == hf_greedy(hf, prompt, 8), tok.decode(tokens)
+
+
+def test_cuda_library_carries_a_cubin_of_tvm_kernels(tiny, tmp_path):
+    """TVM 0.27 leaves its own kernels as CUDA source in a library built without a GPU (NVRTC
+    compiled them at every load): the library now carries their cubin, under the digest of
+    exactly the source the runtime's compile callback will be handed."""
+    from mlc.compiler import cuda_support
+    from mlc.compiler.compile import ChatConfig, _export_atomically, build_library, model_config_for
+    from mlc.compiler.quantization import get_quantization
+    from mlc.compiler.target import parse_device
+    from mlc.models.registry import get_model
+    from mlc.runtime import device as rt_device
+
+    if not cuda_support.kernels_available():
+        pytest.skip("nvcc / the static CUDA runtime not found")
+    mlc_dir = tiny("q4f16_1").mlc_dir
+    chat = ChatConfig.load(mlc_dir)
+    dev = parse_device("cuda:sm_90a")
+    ex, _ = build_library(get_model(chat.model_type), model_config_for(chat, {}), chat,
+                          get_quantization(chat.quantization), dev, "O2")
+    source = cuda_support.tvm_cuda_source(ex)
+    assert source and "__global__" in source
+    lib = _export_atomically(ex, tmp_path / "lib.so", dev)
+    rt_device._PRECOMPILED_CUBINS.clear()
+    assert rt_device.register_library_cubins(lib)
+    key = f"sm_90a:{cuda_support.cuda_source_digest(source)}"
+    assert list(rt_device._PRECOMPILED_CUBINS) == [key]
+    cubin = rt_device._PRECOMPILED_CUBINS[key]
+    assert cubin[:4] == b"\x7fELF" and len(cubin) > 10_000
+    # every kernel TVM generated is in the cubin's symbol table
+    names = re.findall(r"__global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\(", source)
+    assert len(names) > 10
+    for name in names:
+        assert name.encode() in cubin, name
+    assert not rt_device.register_library_cubins(build_lib(mlc_dir))      # a CPU library

@@ -30,7 +30,9 @@ class BenchResult:
     decode_tok_s: dict[int, float] = field(default_factory=dict)     # batch -> total tok/s
     decode_step_ms: dict[int, float] = field(default_factory=dict)
     peak_memory_gib: float | None = None
-    load_seconds: float | None = None
+    load_seconds: float | None = None             # library + weights + first call of each kind
+    cuda_compile_seconds: float | None = None     # of which: compiling TVM's CUDA source (NVRTC)
+    cuda_kernels_precompiled: bool | None = None  # the library carried a cubin of it instead
     runs: int = 0
     date: str = field(default_factory=lambda: time.strftime("%Y-%m-%d"))
 
@@ -43,6 +45,31 @@ def gpu_memory_used_gib() -> float | None:
         return float(out.strip().splitlines()[0]) / 1024
     except (OSError, ValueError, IndexError, subprocess.SubprocessError):
         return None
+
+
+def load_and_warm_up(model_dir, model_lib, device: str, dummy: bool = False):
+    """Load a model and make one tiny prefill and decode call, so every lazily loaded piece
+    (the library, its CUDA modules, the weights) is counted. Returns (model, load figures)."""
+    from mlc.runtime import device as rt_device
+
+    before = dict(rt_device.CUDA_LOAD_STATS)
+    t0 = time.perf_counter()
+    model = LoadedModel(model_dir, model_lib, device, dummy=dummy)
+    model.create_kv_cache(KVCacheConfig(1, 64, 16))
+    model.add_sequence(0)
+    model.prefill([0], [[1, 2, 3, 4]])
+    model.decode([0], [5])
+    model.remove_sequence(0)
+    model.device.sync()
+    seconds = time.perf_counter() - t0
+    stats = rt_device.CUDA_LOAD_STATS
+    cuda = model.device_kind == "cuda"
+    return model, {
+        "load_seconds": seconds,
+        "cuda_compile_seconds": (stats["compile_seconds"] - before["compile_seconds"]
+                                 if cuda else None),
+        "cuda_kernels_precompiled": (stats["precompiled"] > before["precompiled"]
+                                     if cuda else None)}
 
 
 def _median_time(fn, runs: int) -> float:
@@ -160,6 +187,9 @@ def format_table(results: list[BenchResult]) -> str:
     for b in sorted({k for r in results for k in r.decode_tok_s}):
         row(f"decode batch {b} tok/s", [r.decode_tok_s.get(b) for r in results])
     row("peak memory GiB", [r.peak_memory_gib for r in results])
+    row("load s (to the first token)", [r.load_seconds for r in results])
+    if any(r.cuda_compile_seconds is not None for r in results):
+        row("of which compiling CUDA source s", [r.cuda_compile_seconds for r in results])
     return "\n".join(lines)
 
 

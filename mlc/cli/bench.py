@@ -48,10 +48,9 @@ def preset_model_dir(preset: str, quantization: str, dest: Path) -> Path:
 def bench(model, model_config, quantization, dummy, device, model_lib, prompts, batches,
           decode_tokens, runs, prefill_chunk, compare_transformers, json_out):
     """Prefill tok/s, TTFT, and decode tok/s at several batch sizes (medians of runs)."""
-    from mlc.benchmark.model_bench import bench_model, format_table, save_results
+    from mlc.benchmark.model_bench import bench_model, format_table, load_and_warm_up, save_results
     from mlc.errors import MLCError
     from mlc.runtime.device import parse_runtime_device
-    from mlc.runtime.model import LoadedModel
 
     if not model and not model_config:
         raise MLCError("Give a MODEL dir or --model-config PRESET (with --dummy).")
@@ -66,9 +65,12 @@ def bench(model, model_config, quantization, dummy, device, model_lib, prompts, 
 
         kind, dev = parse_runtime_device(device)
         model_lib = find_or_build_library(Path(model), kind, dev)
-    loaded = LoadedModel(model, model_lib, device, dummy=dummy)
+    loaded, load = load_and_warm_up(model, model_lib, device, dummy)
     results = [bench_model(loaded, name, _ints(prompts), decode_tokens, _ints(batches), runs,
                            prefill_chunk=prefill_chunk)]
+    results[0].load_seconds = load["load_seconds"]
+    results[0].cuda_compile_seconds = load["cuda_compile_seconds"]
+    results[0].cuda_kernels_precompiled = load["cuda_kernels_precompiled"]
     del loaded
     if compare_transformers:
         from mlc.benchmark.transformers_bench import bench_transformers

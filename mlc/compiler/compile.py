@@ -293,7 +293,7 @@ def _export_atomically(ex, output: Path, dev: DeviceTarget) -> Path:
     try:
         from mlc.compiler import cuda_support
 
-        with cuda_support.precompiled_cuda(dev) as extra:
+        with cuda_support.precompiled_cuda(dev, ex) as extra:
             ex.export_library(tmp, **extra)
         os.replace(tmp, output)
     except BaseException:

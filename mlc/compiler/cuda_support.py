@@ -10,6 +10,12 @@ kernel sources, so libraries built from different kernel code never call each ot
 libraries with identical code share one registration (`RegisterKernel` in cuda_check.h:
 registered once, a second registration skipped, the registering library pinned in memory).
 `mlc.cuda.<name>` is also registered, by the first library only, for benchmarks and tests.
+
+TVM 0.27 keeps the CUDA *source* of its own generated kernels in a library built on a machine
+without a GPU, and compiles it (NVRTC) every time the library is loaded: seconds per load. When
+nvcc is here, `tvm_kernels_object` compiles that source into a cubin at build time and links it
+into the library under `mlc_tvm_cubin_*` symbols, keyed by the arch and the source's digest; the runtime's
+compile callback (`mlc.runtime.device`) returns it instead of compiling when the digest matches.
 """
 
 from __future__ import annotations
@@ -131,13 +137,76 @@ def cudart_static(nvcc: str) -> Path:
     raise CompileError(f"libcudart_static.a not found under {root}; set CUDA_PATH.")
 
 
+def cuda_source_digest(code: str) -> str:
+    """The key a library's precompiled cubin is stored and looked up under."""
+    return hashlib.sha256(code.encode()).hexdigest()[:32]
+
+
+def tvm_cuda_source(ex) -> str | None:
+    """The CUDA source of TVM's generated kernels inside a built executable, if any."""
+    pending = [ex.mod]
+    while pending:
+        mod = pending.pop()
+        if mod.kind == "cuda":
+            return mod.inspect_source("cuda") or None
+        pending.extend(mod.imports)
+    return None
+
+
+def tvm_kernels_object(ex, dev: DeviceTarget, cache_dir: Path) -> Path | None:
+    """An object holding the cubin of TVM's kernels (nvcc, cached by source digest) under the
+    symbols `mlc_tvm_cubin_key` / `_begin` / `_end`; None when there is no CUDA source."""
+    code = tvm_cuda_source(ex)
+    if code is None:
+        return None
+    import tvm
+    from tvm.support import nvcc as tvm_nvcc
+
+    arch = dev.target["arch"]
+    key = cuda_source_digest(code)
+    cubin = cache_dir / f"tvm-{arch}-{key}.cubin"
+    if not cubin.exists():
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        os.environ.setdefault("CUDA_PATH", str(_cuda_root(nvcc_path())))
+        with tvm.target.Target({"kind": "cuda", "arch": arch}):
+            data = tvm_nvcc.compile_cuda(code, target_format="cubin", arch=arch,
+                                         compiler="nvcc")
+        tmp = cubin.with_name(f"{cubin.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(bytes(data))
+        os.replace(tmp, cubin)
+    obj = cache_dir / f"tvm-{arch}-{key}.o"
+    if not obj.exists():
+        asm = cache_dir / f"tvm-{arch}-{key}.S"
+        # .incbin keeps the (megabytes of) cubin out of a C array the compiler would parse
+        asm.write_text(
+            '\t.section .rodata\n\t.balign 64\n'
+            '\t.globl mlc_tvm_cubin_key\nmlc_tvm_cubin_key:\n'
+            f'\t.asciz "{arch}:{key}"\n\t.balign 64\n'
+            '\t.globl mlc_tvm_cubin_begin\nmlc_tvm_cubin_begin:\n'
+            f'\t.incbin "{cubin}"\n'
+            '\t.globl mlc_tvm_cubin_end\nmlc_tvm_cubin_end:\n'
+            '\t.byte 0\n\t.section .note.GNU-stack,"",@progbits\n')
+        tmp = obj.with_name(f"{obj.name}.{os.getpid()}.tmp")
+        proc = subprocess.run([shutil.which("cc") or "gcc", "-c", str(asm), "-o", str(tmp)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise CompileError(f"Could not assemble the precompiled TVM kernels: "
+                               f"{proc.stderr[-1000:]}")
+        os.replace(tmp, obj)
+    return obj
+
+
 @contextlib.contextmanager
-def precompiled_cuda(dev: DeviceTarget):
-    """Yields the extra `export_library` arguments that link mlc's kernels in."""
+def precompiled_cuda(dev: DeviceTarget, ex=None):
+    """Yields the extra `export_library` arguments that link mlc's kernels in (and, given the
+    executable, the cubin of TVM's own kernels)."""
     if not cuda_kernels_enabled(dev):
         yield {}
         return
     objs = build_kernel_objects(dev.target["arch"], cache_root() / "kernels")
+    tvm_obj = tvm_kernels_object(ex, dev, cache_root() / "kernels") if ex is not None else None
+    if tvm_obj is not None:
+        objs.append(tvm_obj)
     # archives go after the objects that use them: pass it as a file, not as -l
     yield {"addons": [*map(str, objs), str(cudart_static(nvcc_path()))],
            "options": ["-ldl", "-lrt", "-lpthread"]}

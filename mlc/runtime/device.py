@@ -100,9 +100,45 @@ def nvrtc_version() -> str | None:
     return f"{major}.{minor}" if err == nvrtc.nvrtcResult.NVRTC_SUCCESS else None
 
 
+# Cubins that libraries carry for TVM's kernels, by "arch:source digest" (see
+# mlc.compiler.cuda_support.tvm_kernels_object), and what loading CUDA code has cost so far.
+_PRECOMPILED_CUBINS: dict[str, bytes] = {}
+CUDA_LOAD_STATS = {"compiled": 0, "compile_seconds": 0.0, "precompiled": 0}
+
+
+def register_library_cubins(lib_path: str | Path) -> bool:
+    """Read the precompiled cubin a CUDA library carries (symbols `mlc_tvm_cubin_*`) so that
+    loading it needs no NVRTC compile. False for a library without one (an older build, or one
+    built without nvcc): TVM's source is then compiled at load, as before."""
+    try:
+        lib = ctypes.CDLL(str(lib_path))
+        key = ctypes.c_char_p(ctypes.addressof(ctypes.c_char.in_dll(lib, "mlc_tvm_cubin_key")))
+        begin = ctypes.addressof(ctypes.c_char.in_dll(lib, "mlc_tvm_cubin_begin"))
+        end = ctypes.addressof(ctypes.c_char.in_dll(lib, "mlc_tvm_cubin_end"))
+    except (OSError, ValueError):
+        return False
+    _PRECOMPILED_CUBINS[key.value.decode()] = ctypes.string_at(begin, end - begin)
+    return True
+
+
+def prepare_library(lib_path: str | Path) -> None:
+    """Before TVM loads a library: in a process that runs CUDA, take the cubin it carries."""
+    if _register_cuda_compile_callback.cache_info().currsize:
+        register_library_cubins(lib_path)
+
+
+def _source_digest(code: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(code.encode()).hexdigest()[:32]    # as cuda_support keys it
+
+
 @functools.lru_cache(maxsize=None)
 def _register_cuda_compile_callback() -> None:
-    """Compile CUDA source shipped in a library with NVRTC for this GPU's arch."""
+    """Give TVM the cubin a library carries for its CUDA source, or compile the source with
+    NVRTC for this GPU's arch."""
+    import time
+
     import tvm
 
     try:
@@ -112,10 +148,19 @@ def _register_cuda_compile_callback() -> None:
     arch = arch_for_compute_capability(tvm.cuda(0).compute_version)
 
     def compile_cuda(code, *_args):
-        return nvcc.compile_cuda(code, target_format="cubin", arch=arch,
-                                 compiler=cuda_source_compiler())
+        cubin = _PRECOMPILED_CUBINS.get(f"{arch}:{_source_digest(code)}")
+        if cubin is not None:
+            CUDA_LOAD_STATS["precompiled"] += 1
+            return bytearray(cubin)
+        t0 = time.perf_counter()
+        out = nvcc.compile_cuda(code, target_format="cubin", arch=arch,
+                                compiler=cuda_source_compiler())
+        CUDA_LOAD_STATS["compiled"] += 1
+        CUDA_LOAD_STATS["compile_seconds"] += time.perf_counter() - t0
+        return out
 
     tvm.register_global_func("tvm_callback_cuda_compile", compile_cuda, override=True)
+
 
 
 def parse_runtime_device(device: str):

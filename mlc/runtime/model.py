@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from mlc.errors import ModelLoadError
-from mlc.runtime.device import parse_runtime_device
+from mlc.runtime.device import parse_runtime_device, prepare_library
 from mlc.support.chat_config import ChatConfig
 from mlc.support.tensor_cache import TensorCache
 
@@ -53,6 +53,7 @@ def _load_module(lib_path: str | Path):
     if not lib_path.is_file():
         raise ModelLoadError(f"Model library {lib_path} not found. Build it with "
                              f"`mlc compile MODEL_DIR --device DEVICE -o {lib_path}`.")
+    prepare_library(lib_path)
     try:
         return tvm.runtime.load_module(str(lib_path))
     except Exception as e:

@@ -270,3 +270,26 @@ def test_tiny_random_model_prefill_matches_transformers_fp32(gpu_assets, quant):
         assert rel < PREFILL_TOLERANCE, f"tiny {quant}, {n} tokens: {rel}"
     Path(gpu_assets, f"tiny-gpu-vs-transformers-{quant}.json").write_text(
         json.dumps(report, indent=1))
+
+
+def test_cuda_library_loads_its_precompiled_cubin(gpu_assets):
+    """A library built with nvcc carries the cubin of TVM's kernels: loading it compiles no
+    CUDA source (NVRTC took seconds per load before), in a fresh process."""
+    import subprocess
+    import sys
+
+    code = (
+        "import json, time; t0 = time.perf_counter()\n"
+        "from mlc.benchmark.model_bench import load_and_warm_up\n"
+        f"m, load = load_and_warm_up({str(gpu_assets / 'smol-q4f16_1')!r}, "
+        f"{str(gpu_assets / 'smol-q4f16_1-cuda.so')!r}, 'cuda')\n"
+        "from mlc.runtime.device import CUDA_LOAD_STATS\n"
+        "print(json.dumps({**load, **CUDA_LOAD_STATS, 'total': time.perf_counter() - t0}))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    stats = json.loads(out.stdout.strip().splitlines()[-1])
+    print(stats)
+    assert stats["precompiled"] >= 1 and stats["compiled"] == 0, stats
+    assert stats["cuda_kernels_precompiled"] is True
+    assert stats["load_seconds"] < 2.0, stats
