@@ -525,7 +525,7 @@ def test_cuda_graphs_capture_batched_decode(tiny, tmp_path, monkeypatch):
         end = ir.find("@R.function", start)
         return ir[start:end if end > 0 else None]
 
-    for name in ("decode", "batch_decode"):
+    for name in ("decode", "batch_decode", "batch_verify"):
         assert "vm.builtin.cuda_graph.run_or_capture" in body(name), name
     assert "vm.builtin.cuda_graph.run_or_capture" not in body("batch_prefill")
 

@@ -291,5 +291,4 @@ def test_cuda_library_loads_its_precompiled_cubin(gpu_assets):
     stats = json.loads(out.stdout.strip().splitlines()[-1])
     print(stats)
     assert stats["precompiled"] >= 1 and stats["compiled"] == 0, stats
-    assert stats["cuda_kernels_precompiled"] is True
-    assert stats["load_seconds"] < 2.0, stats
+    assert stats["cuda_kernels_precompiled"] is True and stats["cuda_compile_seconds"] == 0
