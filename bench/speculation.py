@@ -20,11 +20,12 @@ so the context stays fixed. `engine` runs each prompt greedily (ignore_eos) with
 reports tok/s (median of --runs), the acceptance rate (`engine.stats()`) and whether every
 mode's tokens equal the plain engine's.
 
-`implied`: with a per-token acceptance rate a (drafts accepted independently), one verify
-step yields E(k) = (1 - a^(k+1)) / (1 - a) tokens and costs verify(k) + k * draft_step, so the
-speedup over plain decode is E(k) * decode / (verify(k) + k * draft_step); n-gram drafts cost
-nothing on the device (draft_step = 0), a draft model costs `--draft-step-ratio` x decode per
-drafted token.
+`implied`: an engine run counts, per target step, the tokens produced (T) and the tokens
+drafted (d); on a model whose verify call costs verify(d) decode steps (the verify-cost file,
+interpolated at d) a step then costs verify(d) + d * draft_step, so the speedup over plain
+decode is T / (verify(d) + d * draft_step). n-gram drafts cost nothing on the device
+(draft_step = 0); a draft model costs `--draft-step-ratio` decode steps of the target per
+drafted token. Every step is counted as a verify call (an upper bound on the cost).
 """
 
 from __future__ import annotations
@@ -145,8 +146,12 @@ def engine_rates(a) -> dict:
                 after = engine.stats()
                 drafted = after.draft_tokens - before.draft_tokens
                 accepted = after.accepted_draft_tokens - before.accepted_draft_tokens
+                steps = after.decode_steps - before.decode_steps
                 entry["acceptance_rate"] = accepted / drafted if drafted else None
                 entry["draft_tokens"] = drafted
+                entry["target_steps"] = steps
+                entry["tokens_per_step"] = (after.decode_tokens - before.decode_tokens) / steps
+                entry["drafted_per_step"] = drafted / steps
             finally:
                 engine.terminate()
             res["modes"][name] = entry
@@ -160,36 +165,33 @@ def engine_rates(a) -> dict:
 def implied(a) -> dict:
     verify = json.loads(Path(a.verify).read_text())
     rates = json.loads(Path(a.engine).read_text())
-    out = {"verify_file": a.verify, "engine_file": a.engine, "implied": {}}
+    ratios = {int(k): v for k, v in verify["verify_over_decode"].items()}
+    out = {"verify_file": a.verify, "engine_file": a.engine,
+           "draft_step_ratio": a.draft_step_ratio, "implied": {}}
     for name, entry in rates["modes"].items():
-        acc = entry.get("acceptance_rate")
-        if not acc or name == "disable":
+        if name == "disable" or not entry.get("target_steps"):
             continue
-        k = int(name.rsplit("-k", 1)[1])
-        ratio = verify["verify_over_decode"].get(str(k)) or verify["verify_over_decode"].get(k)
-        if ratio is None:
-            continue
-        # the engine's rate is accepted / drafted over whole steps, not the per-position rate
-        # (a rejection ends a step): take the a whose expected accepted fraction is that rate
-        a_pos = _per_position_rate(acc, k)
-        expected = (1 - a_pos ** (k + 1)) / (1 - a_pos) if a_pos < 1 else k + 1
-        draft = 0.0 if name.startswith("ngram") else a.draft_step_ratio * k
-        out["implied"][name] = {"acceptance_rate": acc, "per_position_rate": a_pos,
-                                "tokens_per_step": expected,
-                                "speedup": expected / (ratio + draft)}
+        drafted = entry["drafted_per_step"]
+        verify_cost = _interpolate(ratios, max(1.0, drafted))
+        draft_cost = 0.0 if name.startswith("ngram") else a.draft_step_ratio * drafted
+        out["implied"][name] = {"tokens_per_step": entry["tokens_per_step"],
+                                "drafted_per_step": drafted,
+                                "acceptance_rate": entry["acceptance_rate"],
+                                "verify_over_decode": verify_cost,
+                                "speedup": entry["tokens_per_step"] / (verify_cost + draft_cost)}
     print(json.dumps(out, indent=1))
     return out
 
 
-def _per_position_rate(acc: float, k: int) -> float:
-    """The per-position acceptance a whose expected accepted fraction of k drafts is `acc`
-    (accepted drafts per step / k = a (1 - a^k) / ((1 - a) k)), by bisection."""
-    lo, hi = 0.0, 1.0
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        frac = mid * (1 - mid ** k) / ((1 - mid) * k) if mid < 1 else 1.0
-        lo, hi = (mid, hi) if frac < acc else (lo, mid)
-    return (lo + hi) / 2
+def _interpolate(table: dict[int, float], x: float) -> float:
+    """Linear interpolation of a {k: value} table at x (clamped to its ends)."""
+    ks = sorted(table)
+    if x <= ks[0]:
+        return table[ks[0]]
+    for lo, hi in zip(ks, ks[1:]):
+        if x <= hi:
+            return table[lo] + (table[hi] - table[lo]) * (x - lo) / (hi - lo)
+    return table[ks[-1]]
 
 
 def main() -> None:

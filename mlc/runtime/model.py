@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +45,11 @@ def read_library_metadata(lib_path: str | Path, device: str = "cpu") -> dict:
     _, dev = parse_runtime_device(device)
     lib = _load_module(lib_path)
     return json.loads(str(rvm.VirtualMachine(lib, dev)["_metadata"]()))
+
+
+def batch_invariant_enabled() -> bool:
+    """Whether MLC_BATCH_INVARIANT=1: every row of a batched call computed as if alone."""
+    return os.environ.get("MLC_BATCH_INVARIANT", "0") == "1"
 
 
 def _load_module(lib_path: str | Path):
@@ -170,6 +176,10 @@ class LoadedModel:
         self.kv_cache = None
         self.kv_config: KVCacheConfig | None = None
         self.total_pages = 0
+        # MLC_BATCH_INVARIANT=1: one sequence goes through the batched functions too (the
+        # single-sequence ones are compiled for a static batch of 1 and may sum in another
+        # order); mlc's CUDA kernels read the same variable (cuda_check.h)
+        self.batch_invariant = batch_invariant_enabled()
 
     def _random_param(self, spec: dict, seed: int):
         """A random parameter made on the host and copied to the device (`random_param`)."""
@@ -249,7 +259,7 @@ class LoadedModel:
         lengths = [len(t) for t in token_lists]
         flat = np.concatenate([np.asarray(t, dtype="int32") for t in token_lists])
         embeds = self._embed(flat, (1, len(flat), self.hidden_size))
-        if len(seq_ids) == 1:
+        if len(seq_ids) == 1 and not self.batch_invariant:
             logits = self._forward("prefill", seq_ids, lengths, embeds)
         else:
             positions = np.cumsum(lengths, dtype="int32") - 1
@@ -281,7 +291,7 @@ class LoadedModel:
         """One new token for each sequence; logits [b, v] on the device."""
         b = len(seq_ids)
         embeds = self._embed(np.asarray(tokens, dtype="int32"), (b, 1, self.hidden_size))
-        fn = "decode" if b == 1 else "batch_decode"
+        fn = "decode" if b == 1 and not self.batch_invariant else "batch_decode"
         return self._as_rows(self._forward(fn, seq_ids, [1] * b, embeds), b)
 
     def verify_logits(self, seq_ids: list[int], token_lists: list[list[int]]):

@@ -70,6 +70,7 @@ constexpr int kBlockM = 64;        // packed query rows per prefill block (16 pe
 constexpr int kBlockN = 64;        // keys per prefill K/V tile
 constexpr int kDecodeStages = 2;   // pages in flight per decode warp
 constexpr int kMaxSplits = 32;     // decode KV splits per sequence
+constexpr int kInvariantSplits = 16;  // under MLC_BATCH_INVARIANT: fixed, whatever the batch
 constexpr float kEmptyLse = -5e4f; // TVM's lse of a row that attends to nothing
 constexpr double kLog2e = 1.4426950408889634;
 
@@ -993,7 +994,11 @@ void AttnDecodePaged(TensorView q, TensorView pages, TensorView page_indptr,
   DeviceGuard guard(device);
   auto stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, device));
   const int blocks_per_split = prm.batch * prm.h_kv * prm.head_chunks;
-  prm.splits = decode_splits(blocks_per_split, page_indices.size(0), prm.batch, num_sms(device));
+  // a sequence's split boundaries depend on its own length and the split count only: fixed under
+  // MLC_BATCH_INVARIANT, else sized to fill the GPU for this batch
+  prm.splits = BatchInvariant() ? kInvariantSplits
+                                : decode_splits(blocks_per_split, page_indices.size(0), prm.batch,
+                                                num_sms(device));
   if (prm.splits > 1) {
     DecodeWorkspace ws = decode_workspace(device, static_cast<size_t>(blocks_per_split),
                                           static_cast<size_t>(B * h_q * prm.splits), D, stream);

@@ -2,6 +2,7 @@
 // a change here rebuilds them all (the headers are part of each object's cache key).
 #pragma once
 
+#include <cstdlib>
 #include <cuda_runtime.h>
 #include <dlfcn.h>
 
@@ -33,6 +34,18 @@
 namespace mlc {
 namespace {
 int pin_anchor = 0;
+
+// MLC_BATCH_INVARIANT=1 (read once per process): kernels pick their path and work split
+// without looking at how many rows or sequences share a call, so a row's result is the same
+// bits alone or batched (a seeded request then samples the same tokens either way), at some
+// cost in speed (batch 1 leaves the one-row GEMV for the tensor-core kernel).
+inline bool BatchInvariant() {
+  static const bool on = [] {
+    const char* env = std::getenv("MLC_BATCH_INVARIANT");
+    return env != nullptr && env[0] == '1';
+  }();
+  return on;
+}
 
 inline void PinThisLibrary() {
   Dl_info info;

@@ -14,7 +14,8 @@
 //   otherwise M <= 8: a fused dequantize-GEMV that reads each 4-bit weight once (128-bit loads);
 //   otherwise: dequantize to a float16 workspace, then cuBLAS on the tensor cores.
 // MLC_Q4_MMA=0 in the environment turns the tensor-core kernel off, MLC_Q4_GEMV_ROWS=0 the
-// unrolled one-row GEMV. cuBLAS is opened with dlopen
+// unrolled one-row GEMV. MLC_BATCH_INVARIANT=1 sends every M through the tensor-core kernel with
+// kInvariantSplits K splits: a row's sums then run in the same order whatever M is. cuBLAS is opened with dlopen
 // at first use, so a library loads on machines without it.
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -761,6 +762,7 @@ std::atomic<int64_t> g_mma_min_m{2};
 std::atomic<int64_t> g_mma_max_m{128};
 std::atomic<int64_t> g_mma_split{0};           // 0: automatic
 std::atomic<int64_t> g_mma_blocks_per_sm{0};   // split-K target blocks per SM (0: automatic)
+constexpr int64_t kInvariantSplits = 8;        // split-K under MLC_BATCH_INVARIANT (K only)
 
 bool mma_env_enabled() {
   static const bool on = [] {
@@ -841,7 +843,7 @@ bool launch_q4_mma_nt(const half* x, const uint32_t* qw, const half* qs, OutT* o
   const int col_blocks = (N + Cfg::kBN - 1) / Cfg::kBN;
   const int kblocks = (K + kMmaBK - 1) / kMmaBK;
   const int64_t tiles = static_cast<int64_t>(col_blocks) * chunks;
-  int64_t splits = g_mma_split.load();
+  int64_t splits = BatchInvariant() ? kInvariantSplits : g_mma_split.load();
   if (splits <= 0) {
     // Split K until the grid fills `per_sm` blocks per SM, never beyond (no partial second
     // wave) and keeping >= 2 K stages per block. Few rows are memory-bound: 2 blocks per SM
@@ -917,7 +919,8 @@ void Q4Matmul(TensorView x, TensorView qw, TensorView qs, TensorView out) {
   const auto* wp = static_cast<const uint32_t*>(qw.data_ptr());
   const auto* sp = static_cast<const half*>(qs.data_ptr());
   if (M == 0) return;
-  if (M >= g_mma_min_m.load() && M <= g_mma_max_m.load() && K % 64 == 0 && mma_env_enabled() &&
+  const bool mma_rows = BatchInvariant() || (M >= g_mma_min_m.load() && M <= g_mma_max_m.load());
+  if (mma_rows && K % 64 == 0 && mma_env_enabled() &&
       aligned(xp, 16) && aligned(wp, 16) && aligned(sp, 4) && M < (1 << 30) && N < (1 << 30) &&
       K < (1 << 30)) {
     const bool done =
