@@ -29,6 +29,7 @@ class BenchResult:
     ttft_ms: dict[int, float] = field(default_factory=dict)
     decode_tok_s: dict[int, float] = field(default_factory=dict)     # batch -> total tok/s
     decode_step_ms: dict[int, float] = field(default_factory=dict)
+    decode_context: int = 16                      # tokens in each sequence's cache at decode
     peak_memory_gib: float | None = None
     load_seconds: float | None = None             # library + weights + first call of each kind
     cuda_compile_seconds: float | None = None     # of which: compiling TVM's CUDA source (NVRTC)
@@ -112,17 +113,20 @@ def profile_vm_calls(model: LoadedModel, run, steps: int, top: int = 25) -> dict
 
 def bench_model(model: LoadedModel, name: str, prompt_lengths=(128, 512, 2048),
                 decode_tokens: int = 256, batches=(1, 8, 32, 64), runs: int = 5,
-                seed: int = 0, prefill_chunk: int | None = None) -> BenchResult:
-    """Measure prefill tok/s and TTFT per prompt length and decode tok/s per batch size."""
+                seed: int = 0, prefill_chunk: int | None = None,
+                decode_context: int = 16) -> BenchResult:
+    """Measure prefill tok/s and TTFT per prompt length and decode tok/s per batch size, with
+    `decode_context` tokens in each sequence's KV cache while decoding."""
     rng = np.random.default_rng(seed)
     vocab = model.vocab_size
     meta = model.metadata
     max_batch = min(max(batches), meta["max_batch_size"])
     chunk = min(prefill_chunk or meta["prefill_chunk_size"], meta["prefill_chunk_size"])
-    total = max(max(prompt_lengths) + 16, max_batch * (decode_tokens + 32))
+    total = max(max(prompt_lengths) + 16, max_batch * (decode_context + decode_tokens + 32))
     total = min(total, max(meta["context_window_size"], max(prompt_lengths) + 16) * max_batch)
     model.create_kv_cache(KVCacheConfig(max_batch, total, chunk))
-    res = BenchResult(name, meta["quantization"], model.device_kind, runs=runs)
+    res = BenchResult(name, meta["quantization"], model.device_kind, runs=runs,
+                      decode_context=decode_context)
     peak = gpu_memory_used_gib()
 
     def prefill(n: int):
@@ -144,7 +148,9 @@ def bench_model(model: LoadedModel, name: str, prompt_lengths=(128, 512, 2048),
         seqs = list(range(100, 100 + b))
         for s in seqs:
             model.add_sequence(s)
-            model.prefill([s], [rng.integers(0, vocab, size=16).tolist()])
+            context = rng.integers(0, vocab, size=decode_context).tolist()
+            for start in range(0, decode_context, chunk):
+                model.prefill([s], [context[start:start + chunk]])
         toks = rng.integers(0, vocab, size=b).tolist()
         model.decode(seqs, toks)                      # warm up
         step_times = []
@@ -185,7 +191,9 @@ def format_table(results: list[BenchResult]) -> str:
     for n in keys:
         row(f"TTFT {n} ms", [r.ttft_ms.get(n) for r in results])
     for b in sorted({k for r in results for k in r.decode_tok_s}):
-        row(f"decode batch {b} tok/s", [r.decode_tok_s.get(b) for r in results])
+        ctx = results[0].decode_context
+        row(f"decode batch {b} tok/s" + (f" (context {ctx})" if ctx != 16 else ""),
+            [r.decode_tok_s.get(b) for r in results])
     row("peak memory GiB", [r.peak_memory_gib for r in results])
     row("load s (to the first token)", [r.load_seconds for r in results])
     if any(r.cuda_compile_seconds is not None for r in results):

@@ -11,7 +11,7 @@ from mlc.benchmark.model_bench import BenchResult
 
 def bench_transformers(hf_config: dict, name: str, prompt_lengths=(128, 512, 2048),
                        decode_tokens: int = 256, batches=(1, 8, 32, 64), runs: int = 5,
-                       use_compile: bool = True) -> BenchResult:
+                       use_compile: bool = True, decode_context: int = 16) -> BenchResult:
     """Prefill and decode throughput of transformers fp16 (static cache + torch.compile for
     decode when `use_compile`, as a user tuning it would)."""
     import torch
@@ -25,7 +25,7 @@ def bench_transformers(hf_config: dict, name: str, prompt_lengths=(128, 512, 204
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float16).eval()
     res = BenchResult(name, "fp16", "cuda", engine="transformers", runs=runs,
-                      load_seconds=time.perf_counter() - t0)
+                      load_seconds=time.perf_counter() - t0, decode_context=decode_context)
     vocab = config.vocab_size
 
     def timed(fn) -> float:
@@ -46,7 +46,8 @@ def bench_transformers(hf_config: dict, name: str, prompt_lengths=(128, 512, 204
             res.prefill_tok_s[n], res.ttft_ms[n] = n / t, t * 1000
         for b in batches:
             steps = decode_tokens if b == 1 else max(16, decode_tokens // 4)
-            prompt = torch.randint(0, vocab, (b, 16), device="cuda")
+            # (its decode time includes the prompt's prefill: small beside `steps` steps)
+            prompt = torch.randint(0, vocab, (b, decode_context), device="cuda")
             kwargs = dict(max_new_tokens=steps, min_new_tokens=steps, do_sample=False)
             if use_compile:
                 kwargs.update(cache_implementation="static",

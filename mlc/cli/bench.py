@@ -43,10 +43,12 @@ def preset_model_dir(preset: str, quantization: str, dest: Path) -> Path:
 @click.option("--decode-tokens", default=256, show_default=True)
 @click.option("--runs", default=5, show_default=True)
 @click.option("--prefill-chunk", type=int, help="Prefill in chunks of this many tokens.")
+@click.option("--decode-context", default=16, show_default=True,
+              help="Tokens already in each sequence's KV cache while decode is timed.")
 @click.option("--compare-transformers", is_flag=True, help="Run transformers fp16 too.")
 @click.option("--json", "json_out", type=click.Path(), help="Write the results here.")
 def bench(model, model_config, quantization, dummy, device, model_lib, prompts, batches,
-          decode_tokens, runs, prefill_chunk, compare_transformers, json_out):
+          decode_tokens, runs, prefill_chunk, decode_context, compare_transformers, json_out):
     """Prefill tok/s, TTFT, and decode tok/s at several batch sizes (medians of runs)."""
     from mlc.benchmark.model_bench import bench_model, format_table, load_and_warm_up, save_results
     from mlc.errors import MLCError
@@ -67,7 +69,7 @@ def bench(model, model_config, quantization, dummy, device, model_lib, prompts, 
         model_lib = find_or_build_library(Path(model), kind, dev)
     loaded, load = load_and_warm_up(model, model_lib, device, dummy)
     results = [bench_model(loaded, name, _ints(prompts), decode_tokens, _ints(batches), runs,
-                           prefill_chunk=prefill_chunk)]
+                           prefill_chunk=prefill_chunk, decode_context=decode_context)]
     results[0].load_seconds = load["load_seconds"]
     results[0].cuda_compile_seconds = load["cuda_compile_seconds"]
     results[0].cuda_kernels_precompiled = load["cuda_kernels_precompiled"]
@@ -79,7 +81,7 @@ def bench(model, model_config, quantization, dummy, device, model_lib, prompts, 
         chat = ChatConfig.load(model)
         hf = {"model_type": chat.model_type, **_hf_fields(chat.model_config)}
         results.append(bench_transformers(hf, name, _ints(prompts), decode_tokens,
-                                          _ints(batches), runs))
+                                          _ints(batches), runs, decode_context=decode_context))
     click.echo(format_table(results))
     if json_out:
         save_results(results, json_out)
