@@ -7,7 +7,8 @@ clients on `mlc serve`, and the same N requests on the engine alone.
   is N concurrent requests (the chat prompt of each client through `generate`: the engine's
   own outputs, no HTTP, no response objects).
 - Server: `mlc serve` as a subprocess; each round is N concurrent streaming HTTP clients
-  (stdlib http.client, one thread each; ignore_eos, fixed max_tokens).
+  (ignore_eos, fixed max_tokens): stdlib http.client, one thread each, or with
+  `--client asyncio` all on one asyncio loop in this process (a lighter load generator).
 With `--fake-model` both run over `mlc.runtime.fake_runner.FakeRunner` instead of the model
 (MODEL is then only read for its chat config and tokenizer): only token ids reach the host,
 and each step takes `--fake-step-ms` of "device" time as on a GPU (the forward call only
@@ -151,6 +152,45 @@ def one_client(port: int, i: int, max_tokens: int, out: dict) -> None:
               "tokens": tokens, "ids": len(ids), "done": done}
 
 
+async def one_client_async(port: int, i: int, max_tokens: int, out: dict) -> None:
+    """`one_client` on one asyncio connection: HTTP/1.1 with its chunked body decoded by
+    hand, so 64 clients cost one thread a few microseconds per event (the threaded clients
+    share their process's GIL, which delays their reads)."""
+    import asyncio
+
+    body = json.dumps({"messages": messages(i), "stream": True, **sampling(i, max_tokens),
+                       "stream_options": {"include_usage": True}}).encode()
+    t0 = time.perf_counter()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                 b"Content-Type: application/json\r\nConnection: close\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    status = await reader.readline()
+    headers = []
+    while (line := await reader.readline()) not in (b"\r\n", b""):
+        headers.append(line.lower())
+    if b" 200 " not in status or b"transfer-encoding: chunked\r\n" not in headers:
+        raise RuntimeError(f"client {i}: unexpected response {status!r} {headers}")
+    ttft, chunks, ids, done, tokens, pending = None, 0, set(), False, 0, b""
+    while not done and (size := int((await reader.readline()).strip(), 16)):
+        pending += (await reader.readexactly(size + 2))[:-2]
+        *events, pending = pending.split(b"\n\n")
+        for event in events:
+            if event == b"data: [DONE]":
+                done = True
+                break
+            chunk = json.loads(event[len(b"data: "):])
+            ids.add(chunk["id"])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                ttft = ttft or time.perf_counter() - t0
+                chunks += 1
+    writer.close()
+    out[i] = {"ttft_s": ttft, "latency_s": time.perf_counter() - t0, "chunks": chunks,
+              "tokens": tokens, "ids": len(ids), "done": done}
+
+
 def start_server(a) -> tuple[subprocess.Popen, int]:
     port = free_port()
     cmd = [sys.executable, "-m", "mlc.cli.main", "serve", a.model, "--device", a.device,
@@ -176,12 +216,20 @@ def start_server(a) -> tuple[subprocess.Popen, int]:
 def server_round(port: int, pid: int, a) -> dict:
     results: dict = {}
     t0, server_cpu0, client_cpu0 = time.perf_counter(), cpu_seconds(pid), cpu_seconds()
-    threads = [threading.Thread(target=one_client, args=(port, i, a.max_tokens, results))
-               for i in range(a.clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    if a.client == "asyncio":
+        import asyncio
+
+        async def clients():
+            await asyncio.gather(*[one_client_async(port, i, a.max_tokens, results)
+                                   for i in range(a.clients)])
+        asyncio.run(clients())
+    else:
+        threads = [threading.Thread(target=one_client, args=(port, i, a.max_tokens, results))
+                   for i in range(a.clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
     summary = round_summary(results, time.perf_counter() - t0, a)
     tokens = max(summary["tokens"], 1)
     summary["cpu_us_per_token"] = 1e6 * (cpu_seconds(pid) - server_cpu0) / tokens
@@ -214,6 +262,9 @@ def main() -> None:
     p.add_argument("--json")
     p.add_argument("--kv-tokens", type=int, default=0,
                    help="KV-cache tokens of each process (default: clients x (max_tokens + 128))")
+    p.add_argument("--client", choices=("threads", "asyncio"), default="threads",
+                   help="the streaming clients: one http.client thread each (the figures before "
+                        "2026-12-02 14:00), or all on one asyncio loop (lighter)")
     p.add_argument("--fake-model", action="store_true",
                    help="run both over the fake runner (mlc.runtime.fake_runner): host costs only")
     p.add_argument("--fake-step-ms", type=float, default=0.0,
@@ -279,7 +330,7 @@ def main() -> None:
         "server_cpu_us_per_token": statistics.median(r["cpu_us_per_token"] for r in server),
         "client_cpu_us_per_token": statistics.median(
             r["client_cpu_us_per_token"] for r in server),
-        "fake_model": a.fake_model, "fake_step_ms": a.fake_step_ms if a.fake_model else None,
+        "client": a.client, "fake_model": a.fake_model, "fake_step_ms": a.fake_step_ms if a.fake_model else None,
         "sampling": engine["sampling"], "server_rounds": server,
         "all_done": all(r["all_done"] for r in server),
         "one_id_per_stream": all(r["one_id_per_stream"] for r in server),

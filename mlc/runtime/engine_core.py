@@ -49,8 +49,9 @@ class EngineCore:
         # On an asynchronous device, a step's outputs are handed on once the next step was
         # launched: the consumers (an event loop: SSE, JSON) then share the GIL with the
         # device's time instead of with this thread's launches. On the CPU the model call
-        # is the compute itself, so they go at once.
-        self.deliver_after_launch = runner.device_kind != "cpu"
+        # is the compute itself, and with speculation the next step first runs the drafter
+        # (in `schedule`), so there they go at once.
+        self.deliver_after_launch = runner.device_kind != "cpu" and drafter is None
         self._unflushed: dict[Any, None] = {}     # sinks' flush callables, in order
         self._inbox: queue.Queue = queue.Queue()
         self._stop = threading.Event()

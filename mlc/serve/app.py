@@ -266,8 +266,11 @@ async def _serve_request(state: _ServerState, request: Request, chat: bool):
     headers = {"x-request-id": rid}
     state.open_request()
     try:
-        result = await _unless_disconnected(request, state.engine.serve_request(parsed),
-                                            state.engine, rid)
+        if parsed.stream:   # returns once submitted; the SSE response watches the client
+            result = await state.engine.serve_request(parsed)
+        else:
+            result = await _unless_disconnected(request, state.engine.serve_request(parsed),
+                                                state.engine, rid)
     except ClientDisconnected:
         state.close_request()
         return JSONResponse({}, status_code=499)   # nobody reads it
