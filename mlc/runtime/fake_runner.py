@@ -4,9 +4,10 @@
 deterministic pseudo-random token ids: the device-sampling path's shape, where only token ids
 reach the host. With `step_s`, it keeps a GPU's timing: a forward call only launches the step,
 and reading the sampled ids back (`.numpy()`) waits, without the GIL, until `step_s` after the
-launch; like a TVM call, every call into the fake releases the GIL once. Everything else is the real engine: Scheduler, step actions, DeviceSampler,
-OutputProcessor with the model dir's real tokenizer, delivery, and the HTTP server on top. So
-with `step_s=0` the engine's rate is its host ceiling, and the server's rate the server's.
+launch; like a TVM call, every call into the fake releases the GIL once. Everything else is
+the real engine: Scheduler, step actions, DeviceSampler, OutputProcessor with the model dir's
+real tokenizer, delivery, and the HTTP server on top. So with `step_s=0` the engine's rate is
+its host ceiling, and the server's rate the server's.
 
 Nothing in the normal path imports this module. An engine runs over a `FakeRunner` only when
 it is built as one of the classes below, which override the engine's one seam for this,
@@ -27,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mlc.runtime.device import parse_runtime_device
 from mlc.runtime.engine import AsyncMLCEngine, MLCEngine
 from mlc.runtime.model import SAMPLING_FUNCTIONS
 from mlc.support.chat_config import ChatConfig
@@ -117,9 +119,7 @@ class FakeRunner:
         self.vocab_size = self.chat_config.vocab_size
         self.device_kind = "fake"
         self.lib_path = Path("<fake>")
-        import tvm
-
-        self.device = tvm.cpu(0)
+        self.device = parse_runtime_device("cpu")[1]   # (for the memory plan: host memory)
         self.params: list = []
         self.step_s = step_s
         cfg = self.chat_config.model_config
