@@ -263,8 +263,8 @@ def main() -> None:
     p.add_argument("--kv-tokens", type=int, default=0,
                    help="KV-cache tokens of each process (default: clients x (max_tokens + 128))")
     p.add_argument("--client", choices=("threads", "asyncio"), default="threads",
-                   help="the streaming clients: one http.client thread each (the figures before "
-                        "2026-12-02 14:00), or all on one asyncio loop (lighter)")
+                   help="the streaming clients: one http.client thread each (as every figure "
+                        "recorded before this option), or all on one asyncio loop (lighter)")
     p.add_argument("--fake-model", action="store_true",
                    help="run both over the fake runner (mlc.runtime.fake_runner): host costs only")
     p.add_argument("--fake-step-ms", type=float, default=0.0,
