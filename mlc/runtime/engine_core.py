@@ -105,10 +105,7 @@ class EngineCore:
     # -- the loop --------------------------------------------------------------------------
     def _loop(self) -> None:
         while not self._stop.is_set():
-            idle = not self.scheduler.has_work()
-            if idle:
-                self._flush()
-            self._drain_inbox(block=idle)
+            self._drain_inbox(block=not self.scheduler.has_work())
             if self._stop.is_set():
                 break
             try:
@@ -122,6 +119,8 @@ class EngineCore:
         self._flush()
 
     def _drain_inbox(self, block: bool) -> None:
+        if block:
+            self._flush()                   # nothing to step: hand on what is pending first
         try:
             item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
         except queue.Empty:
