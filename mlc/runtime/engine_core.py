@@ -116,7 +116,6 @@ class EngineCore:
                     self._fail(req, e)
         for req in list(self.scheduler.running) + list(self.scheduler.waiting):
             self._fail(req, EngineTerminatedError("The engine was terminated."))
-        self._flush()
 
     def _drain_inbox(self, block: bool) -> None:
         if block:
@@ -201,6 +200,7 @@ class EngineCore:
         err = error if isinstance(error, MLCError) else MLCError(
             f"Internal engine error while running the request: {error!r}")
         self._deliver(req, RequestOutput(req.request_id, [], True, error=err))
+        self._flush()                       # (errors go out at once)
 
     def _deliver(self, req: Request, out: RequestOutput) -> None:
         try:
