@@ -117,6 +117,7 @@ class FakeRunner:
         self.model_dir = Path(model_dir)
         self.chat_config = ChatConfig.load(self.model_dir)
         self.vocab_size = self.chat_config.vocab_size
+        self.hidden_size = self.chat_config.model_config.get("hidden_size", 64)
         self.device_kind = "fake"
         self.lib_path = Path("<fake>")
         self.device = parse_runtime_device("cpu")[1]   # (for the memory plan: host memory)
