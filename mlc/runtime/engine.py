@@ -24,6 +24,7 @@ import queue
 import threading
 import time
 import weakref
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Iterator
@@ -128,17 +129,11 @@ class _EngineBase:
                                  f"{self.spec_draft_length}.", param="spec_draft_length")
         self.verbose = verbose or cfg.verbose
         self.device_arg = device
-        kind, dev = parse_runtime_device(device)
+        kind, _ = parse_runtime_device(device)
         self.model_dir = resolve_model(model, quiet=not self.verbose, device_kind=kind)
         self.model_id = served_model_name or _model_id(self.model_arg, self.model_dir)
-        model_lib = pick(model_lib, cfg.model_lib)
-        if model_lib is None:
-            from mlc.runtime.jit import find_or_build_library
-
-            model_lib = find_or_build_library(self.model_dir, kind, dev,
-                                              quiet=not self.verbose)
         t0 = time.perf_counter()
-        self.model = LoadedModel(self.model_dir, model_lib, device)
+        self.model = self._load_runner(pick(model_lib, cfg.model_lib), device)
         self.chat_config = self.model.chat_config
         weight_bytes = sum(p.numel() * numpy_dtype(str(p.dtype)).itemsize
                            for p in self.model.params)
@@ -166,6 +161,18 @@ class _EngineBase:
                                 speculation=self._speculation())
         self._terminated = False
         self._grammar_compiler = None      # built on the first constrained request
+
+    def _load_runner(self, model_lib: str | None, device: str) -> LoadedModel:
+        """The engine's `ModelRunner`: the model dir's weights with `model_lib` (compiled on
+        demand and cached when None). The one seam for another runner: the fake model of the
+        host-path benchmarks and tests (`mlc.runtime.fake_runner`) overrides it."""
+        if model_lib is None:
+            from mlc.runtime.jit import find_or_build_library
+
+            kind, dev = parse_runtime_device(device)
+            model_lib = find_or_build_library(self.model_dir, kind, dev,
+                                              quiet=not self.verbose)
+        return LoadedModel(self.model_dir, model_lib, device)
 
     @property
     def grammar_compiler(self):
@@ -619,14 +626,11 @@ class _EngineBase:
         choices = []
         for d in out.deltas:
             first = d.index not in state.started
-            state.started.add(d.index)
+            if first:
+                state.started.add(d.index)
             if d.text or first or d.finish_reason:
-                choices.append({"delta": {"content": d.text, "refusal": None,
-                                          "role": "assistant",
-                                          "tool_calls": None},
-                                "finish_reason": d.finish_reason, "index": d.index,
-                                "logprobs": None})
-        chunks = [render(choices)] if choices else []
+                choices.append(render.chat_text_choice(d.index, d.text, d.finish_reason))
+        chunks = [render.raw(",".join(choices))] if choices else []
         if out.final and req.stream_options and req.stream_options.include_usage:
             chunks.append(render([], self._usage(out).model_dump()))
         return chunks
@@ -637,9 +641,9 @@ class _EngineBase:
         if req.echo or req.max_tokens == 0 or any(d.logprobs for d in out.deltas):
             return [c.model_dump_json() for c in self._completion_chunks(
                 req, out, render.rid, render.created, state)]
-        choices = [{"finish_reason": d.finish_reason, "index": d.index, "logprobs": None,
-                    "text": d.text} for d in out.deltas if d.text or d.finish_reason]
-        chunks = [render(choices)] if choices else []
+        choices = [render.completion_text_choice(d.index, d.text, d.finish_reason)
+                   for d in out.deltas if d.text or d.finish_reason]
+        chunks = [render.raw(",".join(choices))] if choices else []
         if out.final and req.stream_options and req.stream_options.include_usage:
             chunks.append(render([], self._usage(out).model_dump()))
         return chunks
@@ -743,18 +747,45 @@ def _join_logprobs(first: P.CompletionLogprobs, then: P.CompletionLogprobs | Non
                                 top_logprobs=first.top_logprobs + then.top_logprobs)
 
 
+_json_str = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
 class _ChunkJSON:
     """A stream chunk as compact JSON, fields in the response type's order (what
-    `model_dump_json()` of `ChatCompletionChunk` / `Completion` writes)."""
+    `model_dump_json()` of `ChatCompletionChunk` / `Completion` writes).
+
+    A plain text delta, the stream's commonest chunk by far, is written from a template:
+    everything but the text, index and finish reason is fixed per request, so it costs one
+    string escape instead of a `json.dumps` of nested dicts (the tests compare both)."""
 
     def __init__(self, rid: str, created: int, model: str, obj: str):
         self.rid, self.created, self.model, self.obj = rid, created, model, obj
+        self._head = f'{{"id":{_json_str(rid)},"choices":['
+        self._tail = (f'],"created":{int(created)},"model":{_json_str(model)},'
+                      f'"object":{_json_str(obj)},"system_fingerprint":null,"usage":null}}')
 
     def __call__(self, choices: list[dict], usage: dict | None = None) -> str:
         return json.dumps({"id": self.rid, "choices": choices, "created": self.created,
                            "model": self.model, "object": self.obj,
                            "system_fingerprint": None, "usage": usage},
                           ensure_ascii=False, separators=(",", ":"))
+
+    def raw(self, choices_json: str) -> str:
+        """The chunk around choices already written as JSON (comma-separated objects)."""
+        return self._head + choices_json + self._tail
+
+    @staticmethod
+    def chat_text_choice(index: int, text: str, finish_reason: str | None) -> str:
+        """A chat choice whose delta is text (the role in every chunk, as MLC-LLM sends)."""
+        return (f'{{"delta":{{"content":{_json_str(text)},"refusal":null,"role":"assistant",'
+                f'"tool_calls":null}},"finish_reason":{_json_str(finish_reason)},'
+                f'"index":{int(index)},"logprobs":null}}')
+
+    @staticmethod
+    def completion_text_choice(index: int, text: str, finish_reason: str | None) -> str:
+        """A completion choice of text without logprobs."""
+        return (f'{{"finish_reason":{_json_str(finish_reason)},"index":{int(index)},'
+                f'"logprobs":null,"text":{_json_str(text)}}}')
 
 
 @dataclass
@@ -854,7 +885,8 @@ class _LoopDispatch:
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
         self.lock = threading.Lock()
-        self.pending: list[tuple[asyncio.Queue, RequestOutput]] = []
+        self.pending: list[tuple[_AsyncStream, RequestOutput]] = []
+        self.woken = False              # a drain is scheduled and has not run yet
 
     @classmethod
     def of(cls, loop: asyncio.AbstractEventLoop) -> _LoopDispatch:
@@ -863,40 +895,128 @@ class _LoopDispatch:
             dispatch = cls._by_loop[loop] = cls(loop)
         return dispatch
 
-    def put(self, q: asyncio.Queue, out: RequestOutput) -> None:
+    def put(self, stream: _AsyncStream, out: RequestOutput) -> None:
+        """(engine thread) Queue `out` for `stream`, until the next `flush`."""
         with self.lock:
-            wake = not self.pending
-            self.pending.append((q, out))
-        if wake:
-            try:
-                self.loop.call_soon_threadsafe(self._drain)
-            except RuntimeError:        # the loop was closed: nobody is waiting any more
-                with self.lock:
-                    self.pending.clear()
+            self.pending.append((stream, out))
+
+    def flush(self) -> None:
+        """(engine thread) Wake the loop once for every output queued since the last wakeup
+        (the engine core calls this once per step: `EngineCore` says when)."""
+        with self.lock:
+            if not self.pending or self.woken:
+                return
+            self.woken = True
+        try:
+            self.loop.call_soon_threadsafe(self._drain)
+        except RuntimeError:            # the loop was closed: nobody is waiting any more
+            with self.lock:
+                self.pending.clear()
+                self.woken = False
 
     def _drain(self) -> None:
         with self.lock:
-            items, self.pending = self.pending, []
-        for q, out in items:
-            q.put_nowait(out)
+            items, self.pending, self.woken = self.pending, [], False
+        for stream, out in items:
+            stream.push(out)
 
 
 class _AsyncStream:
-    """Receives a request's outputs from the loop thread into an asyncio queue."""
+    """Receives a request's outputs from the loop thread; the consumer takes every output
+    that arrived since it last looked (`next_batch`), or one at a time (`async for`)."""
 
     def __init__(self):
         self.dispatch = _LoopDispatch.of(asyncio.get_running_loop())
-        self.queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self.ready: deque[RequestOutput] = deque()
+        self.waiter: asyncio.Future | None = None
 
     def __call__(self, out: RequestOutput) -> None:
-        self.dispatch.put(self.queue, out)
+        self.dispatch.put(self, out)
+
+    @property
+    def flush(self) -> Callable[[], None]:
+        """The loop's wakeup, shared by every stream on it (`OutputSink.flush`)."""
+        return self.dispatch.flush
+
+    def push(self, out: RequestOutput) -> None:
+        """(event loop) Add an output and wake the consumer."""
+        self.ready.append(out)
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    async def next_batch(self) -> list[RequestOutput]:
+        """The outputs that arrived and were not taken yet, in order (waits for one)."""
+        while not self.ready:
+            self.waiter = self.dispatch.loop.create_future()
+            try:
+                await self.waiter
+            finally:
+                self.waiter = None
+        outs = list(self.ready)
+        self.ready.clear()
+        return outs
 
     async def __aiter__(self) -> AsyncIterator[RequestOutput]:
         while True:
-            out = _raise_if_error(await self.queue.get())
-            yield out
-            if out.final:
-                return
+            for out in await self.next_batch():
+                yield _raise_if_error(out)
+                if out.final:
+                    return
+
+
+class ChunkStream:
+    """A streamed response as JSON text chunks, for the HTTP server (`serve_request`).
+
+    `async for chunk in stream` gives one chunk at a time. `stream.batches()` gives, at each
+    wakeup, every chunk of the outputs that arrived since the last one: one step's chunk
+    when the consumer keeps up, several steps' when it fell behind, so a server can write
+    them with one send. An engine error raises after the chunks before it. The request is
+    aborted when the stream is closed before its end (`aclose`)."""
+
+    def __init__(self, engine: _EngineBase, pending: _Pending):
+        self._engine, self._pending = engine, pending
+        self._gen: Any = None
+
+    def __aiter__(self) -> AsyncIterator[str]:
+        return self._one_by_one()
+
+    async def _one_by_one(self) -> AsyncIterator[str]:
+        async for chunks in self.batches():
+            for chunk in chunks:
+                yield chunk
+
+    def batches(self) -> AsyncIterator[list[str]]:
+        """Lists of chunks, one list per wakeup (never empty)."""
+        self._gen = self._batches()
+        return self._gen
+
+    async def _batches(self) -> AsyncIterator[list[str]]:
+        pending = self._pending
+        try:
+            while True:
+                chunks, final = [], False
+                for out in await pending.stream.next_batch():
+                    if out.error is not None:
+                        if chunks:
+                            yield chunks
+                        raise out.error
+                    chunks += pending.chunks_json(out)
+                    if out.final:
+                        final = True
+                        break
+                if chunks:
+                    yield chunks
+                if final:
+                    return
+        finally:
+            self._engine.abort(pending.request_id)
+
+    async def aclose(self) -> None:
+        """Stop early (the request is aborted, its KV pages freed)."""
+        if self._gen is not None:
+            await self._gen.aclose()
+        else:
+            self._engine.abort(self._pending.request_id)
 
 
 class _AsyncCreate:
@@ -915,20 +1035,19 @@ class _AsyncCreate:
             return self._iterate(pending)
         return await self._collect(pending)
 
-    async def _iterate(self, pending: _Pending, render: str = "objects"):
-        chunks = pending.chunks_json if render == "json" else pending.chunks
+    async def _iterate(self, pending: _Pending):
         try:
             async for out in pending.stream:
-                for chunk in chunks(out):
+                for chunk in pending.chunks(out):
                     yield chunk
         finally:
             self._engine.abort(pending.request_id)
 
     async def serve(self, request: P.ChatCompletionRequest | P.CompletionRequest):
-        """The response object, or for a stream an async iterator of chunks as JSON text."""
+        """The response object, or for a stream a `ChunkStream` of chunks as JSON text."""
         pending = self._start(request)
         if pending.streaming:
-            return self._iterate(pending, render="json")
+            return ChunkStream(self._engine, pending)
         return await self._collect(pending)
 
     async def _collect(self, pending: _Pending):
@@ -960,10 +1079,11 @@ class AsyncMLCEngine(_EngineBase):
 
     async def serve_request(self, request: P.ChatCompletionRequest | P.CompletionRequest):
         """The HTTP server's entry: a parsed request -> its response object, or for a stream
-        an async iterator of chunks as JSON text (no response objects per token)."""
+        a `ChunkStream`: an async iterator of chunks as JSON text (no response objects per
+        token), whose `batches()` gives every chunk ready at a wakeup at once."""
         api = self.chat.completions if isinstance(request, P.ChatCompletionRequest) \
             else self.completions
         return await api.serve(request)
 
 
-__all__ = ["MLCEngine", "AsyncMLCEngine", "EngineConfig"]
+__all__ = ["MLCEngine", "AsyncMLCEngine", "EngineConfig", "ChunkStream"]

@@ -46,6 +46,13 @@ class EngineCore:
         self.actions = make_actions(runner, self.scheduler, self.counters, self.tracer)
         self.outputs = OutputProcessor(sampler, limits, self.tracer)
         self.request_metrics = RequestMetrics()
+        # On an asynchronous device, a step's outputs are handed on once the next step was
+        # launched: the consumers (an event loop: SSE, JSON) then share the GIL with the
+        # device's time instead of with this thread's launches. On the CPU the model call
+        # is the compute itself, and with speculation the next step first runs the drafter
+        # (in `schedule`), so there they go at once.
+        self.deliver_after_launch = runner.device_kind != "cpu" and drafter is None
+        self._unflushed: dict[Any, None] = {}     # sinks' flush callables, in order
         self._inbox: queue.Queue = queue.Queue()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="mlc-engine", daemon=True)
@@ -111,6 +118,8 @@ class EngineCore:
             self._fail(req, EngineTerminatedError("The engine was terminated."))
 
     def _drain_inbox(self, block: bool) -> None:
+        if block:
+            self._flush()                   # nothing to step: hand on what is pending first
         try:
             item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
         except queue.Empty:
@@ -133,10 +142,12 @@ class EngineCore:
         """One engine step: schedule, run, postprocess."""
         batch = self.scheduler.schedule()
         if batch is None:
+            self._flush()
             return
         t0 = time.perf_counter()
         action = self.actions[batch.kind]
         result = action.run(batch)
+        self._flush()                       # the last step's outputs (see __init__)
         if batch.kind is StepKind.VERIFY:
             deltas = self.outputs.process_verify(result)
             action.commit(result)           # pop rejected drafts before choices end
@@ -148,6 +159,8 @@ class EngineCore:
         else:
             self.counters.decode_seconds += time.perf_counter() - t0
         self._postprocess(deltas)
+        if not self.deliver_after_launch:
+            self._flush()
 
     def _postprocess(self, deltas) -> None:
         """End finished choices (freeing their pages), record metrics, hand each request its
@@ -187,13 +200,26 @@ class EngineCore:
         err = error if isinstance(error, MLCError) else MLCError(
             f"Internal engine error while running the request: {error!r}")
         self._deliver(req, RequestOutput(req.request_id, [], True, error=err))
+        self._flush()                       # (errors go out at once)
 
-    @staticmethod
-    def _deliver(req: Request, out: RequestOutput) -> None:
+    def _deliver(self, req: Request, out: RequestOutput) -> None:
         try:
             req.sink(out)
         except Exception:  # noqa: BLE001 - a consumer's bug must not stop the loop
             logger.exception("output sink of %s failed", req.request_id)
+        flush = getattr(req.sink, "flush", None)
+        if flush is not None:
+            self._unflushed[flush] = None
+
+    def _flush(self) -> None:
+        """Let the sinks hand on what this thread gave them (`OutputSink.flush`)."""
+        while self._unflushed:
+            flush = next(iter(self._unflushed))
+            del self._unflushed[flush]
+            try:
+                flush()
+            except Exception:  # noqa: BLE001 - a consumer's bug must not stop the loop
+                logger.exception("flushing an output sink failed")
 
 
 def _unfinished_indices(req: Request) -> list[int]:

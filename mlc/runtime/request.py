@@ -65,7 +65,12 @@ class RequestOutput:
 
 
 class OutputSink(Protocol):
-    """Where a request's outputs go (called on the engine thread, once per step at most)."""
+    """Where a request's outputs go (called on the engine thread, once per step at most).
+
+    A sink may also have a `flush` attribute, a callable that hands on what it was given so
+    far (sinks feeding one event loop share one, to wake it once for all of them). The engine
+    core then calls each distinct `flush` once per step: on a GPU after it launched the next
+    step, so the consumers' work overlaps the device's (`EngineCore.step`)."""
 
     def __call__(self, out: RequestOutput) -> None: ...
 

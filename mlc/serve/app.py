@@ -266,8 +266,11 @@ async def _serve_request(state: _ServerState, request: Request, chat: bool):
     headers = {"x-request-id": rid}
     state.open_request()
     try:
-        result = await _unless_disconnected(request, state.engine.serve_request(parsed),
-                                            state.engine, rid)
+        if parsed.stream:   # returns once submitted; the SSE response watches the client
+            result = await state.engine.serve_request(parsed)
+        else:
+            result = await _unless_disconnected(request, state.engine.serve_request(parsed),
+                                                state.engine, rid)
     except ClientDisconnected:
         state.close_request()
         return JSONResponse({}, status_code=499)   # nobody reads it
@@ -339,10 +342,17 @@ async def _wait_disconnect(request: Request) -> None:
 
 async def _sse_events(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
     """`data: {chunk}` events (chunks arrive as JSON text), an error event if the engine
-    fails midway, then [DONE]."""
+    fails midway, then [DONE]. From the engine's `ChunkStream`, the events of every chunk
+    ready at a wakeup go out as one body part: one socket write per stream per wakeup, however
+    many steps the event loop fell behind."""
     try:
-        async for chunk in chunks:
-            yield f"data: {chunk}\n\n"
+        batches = getattr(chunks, "batches", None)
+        if batches is not None:
+            async for batch in batches():
+                yield "".join([f"data: {chunk}\n\n" for chunk in batch])
+        else:
+            async for chunk in chunks:
+                yield f"data: {chunk}\n\n"
     except MLCError as e:
         yield _sse(json.dumps(e.to_openai()))
     except Exception as e:  # noqa: BLE001 - reported to the client, logged with traceback
