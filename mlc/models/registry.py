@@ -126,10 +126,10 @@ NOT_SUPPORTED = {
 
 def model_type_of(hf_config: dict[str, Any], tensor_names: list[str]) -> str | None:
     """The registry's model_type for a Hugging Face checkpoint: its config's, except for an
-    EAGLE draft head, whose config says "llama" but whose weights are a head's (`fc.weight`
-    and top-level `layers.*`, no `model.` prefix)."""
-    names = set(tensor_names)
-    if "fc.weight" in names and not any(n.startswith("model.") for n in names):
+    EAGLE draft head, whose config says "llama" but whose weights are a head's (`fc.*` and
+    top-level `layers.*`, no `model.` prefix)."""
+    if not any(n.startswith("model.") for n in tensor_names) and \
+            any(n.startswith(("fc.", "layers.")) for n in tensor_names):
         return "eagle"
     return hf_config.get("model_type")
 

@@ -174,6 +174,8 @@ class _EngineBase:
         t0 = time.perf_counter()
         self.model = LoadedModel(self.model_dir, model_lib, device)
         self.chat_config = self.model.chat_config
+        if speculative_mode == "eagle":        # (before loading the head: fail fast)
+            self.model.enable_hidden_states()
         # the draft (small_draft) or EAGLE head is loaded first: the plan budgets for it
         self.draft_model = self._load_draft_model() \
             if speculative_mode in ("small_draft", "eagle") else None
@@ -228,7 +230,6 @@ class _EngineBase:
         if self.speculative_mode == "small_draft":
             return ModelDrafter(self.draft_model, chunk), self.spec_draft_length
         if self.speculative_mode == "eagle":
-            self.model.enable_hidden_states()
             return EagleDrafter(self.draft_model, self.model, chunk), self.spec_draft_length
         return None
 
