@@ -18,6 +18,7 @@ through `mlc convert` and `mlc compile`. No published head can be downloaded her
 from __future__ import annotations
 
 import json
+import socket
 
 import numpy as np
 import pytest
@@ -352,3 +353,39 @@ def test_the_engine_plans_for_the_heads_weights_and_cache(eagle):
     assert plan.draft is not None
     assert plan.draft.weight_bytes == sum(p.numel() * 4 for p in head.params)
     assert head.kv_config.max_total_sequence_length == plan.max_total_sequence_length
+
+
+# ------------------------------------------------------------------------------ command lines
+
+
+def test_mlc_llm_chat_and_serve_run_with_an_eagle_head(tiny, plain):
+    """MLC-LLM's flags end to end: `mlc_llm chat` (through `mlc chat`) and `mlc_llm serve`
+    (through `mlc serve`, a real server answering the OpenAI client) with a head given as
+    MODEL,MODEL_LIB; the server's greedy text is the plain engine's."""
+    import openai
+    from click.testing import CliRunner
+
+    import mlc_llm.cli as mlc_llm_cli
+    from mlc_llm.serve import EngineConfig, PopenServer
+
+    _, mlc_dir, lib, _, head_dir, head_lib = tiny
+    spec = ["--speculative-mode", "eagle", "--additional-models", f"{head_dir},{head_lib}",
+            "--overrides", "spec_draft_length=3"]
+    result = CliRunner().invoke(mlc_llm_cli.cli, ["chat", str(mlc_dir), "--device", "cpu",
+                                                  "--model-lib", str(lib), *spec],
+                                input="Hello\n/stats\n/exit\n")
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert "--speculative-mode eagle" in result.output and "decode:" in result.output
+    cfg = EngineConfig(speculative_mode="eagle", spec_draft_length=3,
+                       additional_models=[f"{head_dir},{head_lib}"])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with PopenServer(str(mlc_dir), "cpu", model_lib=str(lib), port=port, engine_config=cfg,
+                     startup_timeout=300):
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
+        got = client.completions.create(model=str(mlc_dir), prompt=REPEATING, max_tokens=30,
+                                        temperature=0, extra_body={"ignore_eos": True})
+    want = plain.completions.create(prompt=REPEATING, max_tokens=30, temperature=0,
+                                    ignore_eos=True)
+    assert got.choices[0].text == want.choices[0].text
