@@ -166,12 +166,23 @@ def _source_of(config: str, source: str) -> str:
 
 
 def _hf_model_type(source: str) -> str | None:
+    """The model_type mlc converts a local HF dir as (an EAGLE head's config says "llama":
+    its weights tell, see `mlc.models.registry.model_type_of`)."""
     import json
 
+    from mlc.models.registry import model_type_of
+
     config = Path(source, "config.json")
-    if config.is_file():
-        return json.loads(config.read_text(encoding="utf-8")).get("model_type")
-    return None
+    if not config.is_file():
+        return None
+    hf = json.loads(config.read_text(encoding="utf-8"))
+    try:
+        from mlc.compiler.sources.hf_dir import HFDirSource
+
+        with HFDirSource(source) as src:
+            return model_type_of(hf, src.tensor_names())
+    except MLCError:
+        return hf.get("model_type")     # no weights here (yet): the config's word
 
 
 def _architecture(chat) -> dict[str, Any]:
@@ -225,10 +236,6 @@ def convert_weight(config: str, quantization: str, model_type: str, device: str,
     if source_format == "awq":
         raise _unsupported("--source-format awq", "convert the unquantized HF weights with "
                            "--quantization q4f16_1 instead.")
-    if source_format == "huggingface-torch":
-        raise _unsupported("--source-format huggingface-torch", "mlc reads *.safetensors (and "
-                           "GGUF); re-save the model with save_pretrained(safe_serialization="
-                           "True).")
     if device not in ("auto", "cpu"):
         click.echo(f"note: --device {device} is ignored: mlc quantizes on the CPU.", err=True)
     src = _source_of(config, source)
@@ -327,11 +334,11 @@ def build_chat_config(source: str, quantization: str, tokenizer_dir: Path,
     from mlc.compiler.quantization import get_quantization
     from mlc.compiler.sources import open_source
     from mlc.errors import ConvertError
-    from mlc.models.registry import get_model
+    from mlc.models.registry import get_model, model_type_of
 
     quant = get_quantization(quantization)
     with open_source(source, quiet=True) as src:
-        model_type = src.hf_config.get("model_type")
+        model_type = model_type_of(src.hf_config, src.tensor_names())
         if not model_type:
             raise ConvertError(f"{source}: config has no model_type; cannot tell the "
                                "architecture.", param="source")

@@ -358,8 +358,9 @@ def test_the_engine_plans_for_the_heads_weights_and_cache(eagle):
 # ------------------------------------------------------------------------------ command lines
 
 
-def test_mlc_llm_chat_and_serve_run_with_an_eagle_head(tiny, plain):
-    """MLC-LLM's flags end to end: `mlc_llm chat` (through `mlc chat`) and `mlc_llm serve`
+def test_mlc_llm_chat_and_serve_run_with_an_eagle_head(tiny, plain, tmp_path):
+    """MLC-LLM's flags end to end: `mlc_llm gen_config`/`convert_weight --model-type eagle`
+    on a published-layout head, `mlc_llm chat` (through `mlc chat`) and `mlc_llm serve`
     (through `mlc serve`, a real server answering the OpenAI client) with a head given as
     MODEL,MODEL_LIB; the server's greedy text is the plain engine's."""
     import openai
@@ -368,7 +369,17 @@ def test_mlc_llm_chat_and_serve_run_with_an_eagle_head(tiny, plain):
     import mlc_llm.cli as mlc_llm_cli
     from mlc_llm.serve import EngineConfig, PopenServer
 
-    _, mlc_dir, lib, _, head_dir, head_lib = tiny
+    _, mlc_dir, lib, head_hf, head_dir, head_lib = tiny
+    # MLC-LLM's two steps for a published head (its config.json says llama)
+    out = tmp_path / "head-two-step"
+    for verb, extra in (("gen_config", []), ("convert_weight", ["--source-format",
+                                                                "huggingface-torch"])):
+        result = CliRunner().invoke(mlc_llm_cli.cli, [verb, str(head_hf), "--model-type", "eagle",
+                                                      "--quantization", "q0f32", "-o", str(out),
+                                                      *extra])
+        assert result.exit_code == 0, result.output + repr(result.exception)
+    assert json.loads((out / "mlc-chat-config.json").read_text())["model_type"] == "eagle"
+    assert (out / "tensor-cache.json").read_text() == (head_dir / "tensor-cache.json").read_text()
     spec = ["--speculative-mode", "eagle", "--additional-models", f"{head_dir},{head_lib}",
             "--overrides", "spec_draft_length=3"]
     result = CliRunner().invoke(mlc_llm_cli.cli, ["chat", str(mlc_dir), "--device", "cpu",

@@ -143,8 +143,6 @@ def test_unsupported_convert_and_gen_config_options(tiny, tmp_path):
     common = [tiny.hf_dir, "--quantization", "q4f32_1", "-o", out]
     refused("convert_weight", *common, "--lora-adapter", tmp_path, match="merge the adapter")
     refused("convert_weight", *common, "--source-format", "awq", match="--source-format awq")
-    refused("convert_weight", *common, "--source-format", "huggingface-torch",
-            match="safe_serialization")
     refused("convert_weight", *common, "--source", tmp_path, match="from one place")
     refused("convert_weight", *common, "--model-type", "mistral", match="model_type=llama")
     refused("convert_weight", tiny.hf_dir, "--quantization", "q3f16_0", "-o", out,
