@@ -410,3 +410,36 @@ def make_tiny_eagle_head(tmp_path: str | Path, target, seed: int = 7, std: float
     (head_dir / "config.json").write_text(json.dumps(cfg, indent=2))
     torch.save(sd, head_dir / "pytorch_model.bin")
     return head_dir
+
+
+def make_context_free_llama(tmp_path: str | Path, seed: int = 0):
+    """A tiny random Llama made a bigram model: attention and MLP outputs zeroed (o_proj,
+    down_proj), final norm weight 1, so its next token depends on the last token only.
+    Returns (hf_model, hf_dir); `make_exact_eagle_head` drafts it exactly."""
+    import torch
+
+    hf_model, hf_dir = make_tiny_llama(tmp_path, seed=seed)
+    with torch.no_grad():
+        for layer in hf_model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        hf_model.model.norm.weight.fill_(1.0)
+    return hf_model, hf_dir
+
+
+def make_exact_eagle_head(tmp_path: str | Path, target) -> Path:
+    """An EAGLE head (published layout) that is exact for a `make_context_free_llama` target:
+    fc passes the next token's embedding through and its layers add nothing, so the target's
+    LM head on its output ranks tokens as the target does after that token (the target's
+    final norm only rescales)."""
+    import torch
+
+    head_hf = make_tiny_eagle_head(tmp_path, target, seed=11, bias=False)
+    sd = torch.load(head_hf / "pytorch_model.bin", weights_only=True)
+    h = target.config.hidden_size
+    sd["fc.weight"] = torch.cat([torch.eye(h), torch.zeros(h, h)], 1)
+    for name in list(sd):
+        if name.endswith(("o_proj.weight", "down_proj.weight")):
+            sd[name] = torch.zeros_like(sd[name])
+    torch.save(sd, head_hf / "pytorch_model.bin")
+    return head_hf

@@ -26,6 +26,8 @@ import torch
 from helpers import (
     build_lib,
     hf_logits,
+    make_context_free_llama,
+    make_exact_eagle_head,
     make_tiny_eagle_head,
     make_tiny_llama,
     write_mlc_dir,
@@ -232,26 +234,13 @@ def test_sampling_follows_the_targets_distribution(tiny, eagle):
 
 
 @pytest.fixture(scope="module")
-def exact(tiny, tmp_path_factory):
-    """A context-free target (a bigram model: attention and MLP outputs zeroed, final norm 1)
-    and a head that is exact for it (fc passes the next token's embedding through, its
-    layers add nothing): every greedy draft is the target's own next token."""
+def exact(tmp_path_factory):
+    """A context-free target (a bigram model) and a head that is exact for it: every greedy
+    draft is the target's own next token (`helpers.make_exact_eagle_head`)."""
     tmp = tmp_path_factory.mktemp("exact-eagle")
-    hf_model, hf_dir = make_tiny_llama(tmp)
-    with torch.no_grad():
-        for layer in hf_model.model.layers:
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
-        hf_model.model.norm.weight.fill_(1.0)
+    hf_model, hf_dir = make_context_free_llama(tmp)
     mlc_dir = write_mlc_dir(hf_model, tmp / "mlc", "q0f32", hf_dir=hf_dir)
-    head_hf = make_tiny_eagle_head(tmp, hf_model, bias=False)
-    sd = torch.load(head_hf / "pytorch_model.bin", weights_only=True)
-    h = hf_model.config.hidden_size
-    sd["fc.weight"] = torch.cat([torch.eye(h), torch.zeros(h, h)], 1)
-    for name in list(sd):
-        if name.endswith(("o_proj.weight", "down_proj.weight")):
-            sd[name] = torch.zeros_like(sd[name])
-    torch.save(sd, head_hf / "pytorch_model.bin")
+    head_hf = make_exact_eagle_head(tmp, hf_model)
     head_dir = convert(str(head_hf), "q0f32", tmp / "head-mlc", quiet=True)
     return mlc_dir, build_lib(mlc_dir), head_dir, build_lib(head_dir)
 
