@@ -11,7 +11,8 @@ through `mlc convert` and `mlc compile`. No published head can be downloaded her
 - an *exact* head for a context-free target (attention and MLP outputs zeroed, so the target
   is a bigram model; the head's fc passes the next token's embedding through): every greedy
   draft is accepted, which exercises the accept path; the rate reaches stats(), /metrics and
-  the trace;
+  the trace; with sampling, steps accept part of their drafts, and seeded outputs still equal
+  the plain engine's;
 - bad heads and old target libraries are refused with errors that name the fix.
 """
 
@@ -264,6 +265,25 @@ def test_an_exact_head_has_every_draft_accepted(exact):
         events = [e for e in eng.event_trace()["traceEvents"]
                   if e.get("name") == "verify" and e["ph"] == "i"]       # per request
         assert events and all(e["args"]["accepted"] == e["args"]["drafted"] for e in events)
+    finally:
+        eng.terminate()
+        plain.terminate()
+
+
+def test_partly_accepted_drafts_keep_seeded_sampling_exact(exact):
+    """Sampling with the exact head: its greedy drafts are taken only when drawn, so steps
+    accept some drafts and reject the rest (the head then resumes from the target's features
+    of the accepted positions). Seeded outputs equal the plain engine's, token for token."""
+    mlc_dir, lib, head_dir, head_lib = exact
+    plain = MLCEngine(str(mlc_dir), "cpu", model_lib=str(lib))
+    eng = MLCEngine(str(mlc_dir), "cpu", model_lib=str(lib), speculative_mode="eagle",
+                    spec_draft_length=3, additional_models=[(str(head_dir), str(head_lib))])
+    try:
+        for seed in range(6):
+            kw = dict(temperature=0.8, seed=seed, max_tokens=30)
+            assert ids(eng, "Hello", **kw) == ids(plain, "Hello", **kw), seed
+        st = eng.stats()
+        assert 0.05 < st.acceptance_rate < 0.95, st.acceptance_rate
     finally:
         eng.terminate()
         plain.terminate()
