@@ -90,11 +90,8 @@ def _param_bytes(model: LoadedModel) -> int:
     return sum(p.numel() * numpy_dtype(str(p.dtype)).itemsize for p in model.params)
 
 
-def _load_head(head_dir: Path, lib, device: str, target: LoadedModel, name: str):
-    """An EAGLE head for `target`: refused, naming the mismatch, unless it is an eagle
-    library whose hidden size and dtype are the target's."""
-    from mlc.runtime.model import LoadedHead
-
+def _check_is_head(head_dir: Path, name: str) -> None:
+    """Refuse a model dir that is not an EAGLE head (before compiling or loading it)."""
     chat = LoadedModel.peek_chat_config(head_dir)
     if chat.model_type != "eagle":
         raise ModelLoadError(
@@ -102,6 +99,13 @@ def _load_head(head_dir: Path, lib, device: str, target: LoadedModel, name: str)
             f"is a {chat.model_type} model. Convert a published head (e.g. "
             "yuhuili/EAGLE-LLaMA3-Instruct-8B) with `mlc convert HEAD_DIR -o OUT`, or use "
             "speculative_mode='small_draft' for a draft model.", param="additional_models")
+
+
+def _load_head(head_dir: Path, lib, device: str, target: LoadedModel, name: str):
+    """An EAGLE head for `target`: refused, naming the mismatch, unless its hidden size and
+    dtype are the target's."""
+    from mlc.runtime.model import LoadedHead
+
     head = LoadedHead(head_dir, lib, device)
     t, h = target.metadata, head.metadata
     for key in ("hidden_size", "model_dtype"):
@@ -254,6 +258,8 @@ class _EngineBase:
                 path, lib = path.split(":", 1)
         kind, dev = parse_runtime_device(self.device_arg)
         draft_dir = resolve_model(path, quiet=not self.verbose, device_kind=kind)
+        if mode == "eagle":
+            _check_is_head(draft_dir, path)
         if lib is None:
             from mlc.runtime.jit import find_or_build_library
 
