@@ -95,7 +95,7 @@ def _load_torch(path: Path) -> dict[str, Any]:
         import torch
     except ImportError as e:
         raise ConvertError(f"{path} is a PyTorch checkpoint: reading it needs torch "
-                           "(pip install torch), or convert it to safetensors.") from e
+                           "(pip install 'mlc[torch]'), or convert it to safetensors.") from e
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # noqa: BLE001 - torch raises many kinds for a bad file
