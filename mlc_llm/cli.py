@@ -4,6 +4,8 @@
     mlc_llm gen_config HF_DIR --quantization q4f16_1 [--conv-template chatml] -o OUT
     mlc_llm compile OUT --device cpu -o OUT/lib.so                   -> mlc compile
     mlc_llm serve OUT [--model-lib LIB] [--overrides "max_num_sequence=8"]   -> mlc serve
+    mlc_llm serve OUT --speculative-mode eagle --additional-models HEAD[,HEAD_LIB] \
+        --overrides "spec_draft_length=4"       -> mlc serve ... --additional-models HEAD:LIB
     mlc_llm chat OUT                                                 -> mlc chat
     mlc_llm bench OUT [--generate-length 256]                        -> mlc bench
 
@@ -164,12 +166,23 @@ def _source_of(config: str, source: str) -> str:
 
 
 def _hf_model_type(source: str) -> str | None:
+    """The model_type mlc converts a local HF dir as (an EAGLE head's config says "llama":
+    its weights tell, see `mlc.models.registry.model_type_of`)."""
     import json
 
+    from mlc.models.registry import model_type_of
+
     config = Path(source, "config.json")
-    if config.is_file():
-        return json.loads(config.read_text(encoding="utf-8")).get("model_type")
-    return None
+    if not config.is_file():
+        return None
+    hf = json.loads(config.read_text(encoding="utf-8"))
+    try:
+        from mlc.compiler.sources.hf_dir import HFDirSource
+
+        with HFDirSource(source) as src:
+            return model_type_of(hf, src.tensor_names())
+    except MLCError:
+        return hf.get("model_type")     # no weights here (yet): the config's word
 
 
 def _architecture(chat) -> dict[str, Any]:
@@ -223,10 +236,6 @@ def convert_weight(config: str, quantization: str, model_type: str, device: str,
     if source_format == "awq":
         raise _unsupported("--source-format awq", "convert the unquantized HF weights with "
                            "--quantization q4f16_1 instead.")
-    if source_format == "huggingface-torch":
-        raise _unsupported("--source-format huggingface-torch", "mlc reads *.safetensors (and "
-                           "GGUF); re-save the model with save_pretrained(safe_serialization="
-                           "True).")
     if device not in ("auto", "cpu"):
         click.echo(f"note: --device {device} is ignored: mlc quantizes on the CPU.", err=True)
     src = _source_of(config, source)
@@ -325,11 +334,11 @@ def build_chat_config(source: str, quantization: str, tokenizer_dir: Path,
     from mlc.compiler.quantization import get_quantization
     from mlc.compiler.sources import open_source
     from mlc.errors import ConvertError
-    from mlc.models.registry import get_model
+    from mlc.models.registry import get_model, model_type_of
 
     quant = get_quantization(quantization)
     with open_source(source, quiet=True) as src:
-        model_type = src.hf_config.get("model_type")
+        model_type = model_type_of(src.hf_config, src.tensor_names())
         if not model_type:
             raise ConvertError(f"{source}: config has no model_type; cannot tell the "
                                "architecture.", param="source")
@@ -443,7 +452,8 @@ SERVE_OVERRIDES: dict[str, str | None] = {
     "max_total_seq_length": "--max-total-seq-length",
     "prefill_chunk_size": "--prefill-chunk-size",
     "gpu_memory_utilization": "--gpu-memory-utilization",
-    "max_history_size": None, "spec_draft_length": None, "spec_tree_width": None,
+    "max_history_size": None, "spec_draft_length": "--spec-draft-length",
+    "spec_tree_width": None,
     "prefix_cache_mode": None, "prefix_cache_max_num_recycling_seqs": None,
     "prefill_mode": None, "context_window_size": None, "sliding_window_size": None,
     "attention_sink_size": None, "tensor_parallel_shards": None,
@@ -451,11 +461,13 @@ SERVE_OVERRIDES: dict[str, str | None] = {
 }
 # MLC-LLM's `chat --overrides` keys (the model config ones).
 CHAT_OVERRIDES: dict[str, str | None] = {
+    "spec_draft_length": "--spec-draft-length",
     "context_window_size": None, "sliding_window_size": None,
     "prefill_chunk_size": "--prefill-chunk-size", "attention_sink_size": None,
     "tensor_parallel_shards": None, "pipeline_parallel_stages": None, "opt": None,
 }
-BENCH_OVERRIDES: dict[str, str | None] = {**CHAT_OVERRIDES, "prefill_chunk_size": "--prefill-chunk"}
+BENCH_OVERRIDES: dict[str, str | None] = {**CHAT_OVERRIDES, "prefill_chunk_size": "--prefill-chunk",
+                                          "spec_draft_length": None}
 
 
 def _json_list(_ctx, _param, value):
@@ -484,7 +496,8 @@ def _pass_flag(command: click.Command, flag: str, what: str) -> list[str]:
 @click.option("--mode", default="local", show_default=True,
               type=click.Choice(["local", "interactive", "server"]))
 @click.option("--enable-debug", is_flag=True, help="Debug endpoints and debug_config.")
-@click.option("--additional-models", multiple=True, help="Not supported by mlc.")
+@click.option("--additional-models", multiple=True,
+              help="The draft model or EAGLE head: MODEL or MODEL,MODEL_LIB (one).")
 @click.option("--embedding-model", default=None, help="Not supported by mlc yet.")
 @click.option("--embedding-model-lib", default=None, help="Not supported by mlc yet.")
 @click.option("--speculative-mode", default="disable", show_default=True,
@@ -510,14 +523,8 @@ def serve(ctx: click.Context, model: str, device: str, model_lib: str | None, mo
           allow_credentials: bool, allow_origins, allow_methods, allow_headers) -> None:
     """Serve MODEL over OpenAI's HTTP API (`mlc serve`)."""
     command = _mlc_command("serve")
-    if additional_models:
-        raise _unsupported("--additional-models", "mlc has no speculative decoding with draft "
-                           "models yet; serve one model.")
     if embedding_model or embedding_model_lib:
         raise _unsupported("--embedding-model", "/v1/embeddings is not served by mlc yet.")
-    if speculative_mode != "disable":
-        raise _unsupported(f"--speculative-mode {speculative_mode}", "mlc has no speculative "
-                           "decoding yet; use --speculative-mode disable.")
     if allow_credentials or any(v is not None for v in (allow_origins, allow_methods,
                                                         allow_headers)):
         raise _unsupported("--allow-credentials/--allow-origins/--allow-methods/"
@@ -529,6 +536,9 @@ def serve(ctx: click.Context, model: str, device: str, model_lib: str | None, mo
     if model_lib:
         argv += ["--model-lib", model_lib]
     argv += _map_overrides(overrides, SERVE_OVERRIDES, command, "serve")
+    argv += _speculation_args(speculative_mode, additional_models)
+    if prefix_cache_mode != "radix":
+        argv += ["--prefix-cache-mode", prefix_cache_mode]
     if enable_debug:
         argv += _pass_flag(command, "--enable-debug", "requests' debug_config is not applied "
                            "and there are no /debug endpoints.")
@@ -537,18 +547,45 @@ def serve(ctx: click.Context, model: str, device: str, model_lib: str | None, mo
     _run_mlc("serve", argv)
 
 
+def _speculation_args(mode: str, additional_models: tuple[str, ...]) -> list[str]:
+    """MLC-LLM's `--speculative-mode` and `--additional-models MODEL[,MODEL_LIB]` as `mlc`
+    options (`--additional-models MODEL[:MODEL_LIB]`)."""
+    if mode == "medusa":
+        raise _unsupported("--speculative-mode medusa", "mlc drafts with small_draft (a draft "
+                           "model) or eagle (an EAGLE head), or ngram without a draft.")
+    if len(additional_models) > 1:
+        raise _unsupported("several --additional-models", "mlc speculates with one draft "
+                           "model or head; give one.")
+    if additional_models and mode == "disable":
+        raise click.UsageError("--additional-models is the draft of speculative decoding: "
+                               "add --speculative-mode small_draft (a draft model) or eagle "
+                               "(an EAGLE head).")
+    argv = ["--speculative-mode", mode] if mode != "disable" else []
+    for spec in additional_models:
+        path, _, lib = spec.partition(",")
+        argv += ["--additional-models", f"{path}:{lib}" if lib else path]
+    return argv
+
+
 @cli.command("chat")
 @click.argument("model")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--model-lib", default=None)
-@click.option("--overrides", default="", help='e.g. "prefill_chunk_size=512"')
-def chat(model: str, device: str, model_lib: str | None, overrides: str) -> None:
+@click.option("--additional-models", multiple=True,
+              help="The draft model or EAGLE head: MODEL or MODEL,MODEL_LIB (one).")
+@click.option("--speculative-mode", default="disable", show_default=True,
+              type=click.Choice(["disable", "small_draft", "eagle", "medusa"]))
+@click.option("--overrides", default="",
+              help='e.g. "prefill_chunk_size=512;spec_draft_length=4"')
+def chat(model: str, device: str, model_lib: str | None, additional_models: tuple[str, ...],
+         speculative_mode: str, overrides: str) -> None:
     """Chat with MODEL in the terminal (`mlc chat`)."""
     command = _mlc_command("chat")
     argv = [model, "--device", device]
     if model_lib:
         argv += ["--model-lib", model_lib]
     argv += _map_overrides(overrides, CHAT_OVERRIDES, command, "chat")
+    argv += _speculation_args(speculative_mode, additional_models)
     _run_mlc("chat", argv)
 
 

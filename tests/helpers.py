@@ -358,3 +358,88 @@ def max_rel_diff(ours: np.ndarray, ref: np.ndarray) -> float:
     ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
     assert ours.shape == ref.shape, (ours.shape, ref.shape)
     return float(np.abs(ours - ref).max() / (ref.max() - ref.min()))
+
+
+# ------------------------------------------------------------------------------ EAGLE heads
+
+
+def make_tiny_eagle_head(tmp_path: str | Path, target, seed: int = 7, std: float = 0.2,
+                         num_hidden_layers: int = 2, bias: bool = True,
+                         drop: tuple[str, ...] = (), **config_overrides: Any) -> Path:
+    """A randomly initialised EAGLE-1/2 head for the HF model `target`, written as the
+    published heads are (EAGLE's `cnets.py` layout): a Llama config.json (+ "bias") and a
+    `pytorch_model.bin` with top-level names (`fc.*`, `layers.{i}.*`, no input norm in layer
+    0, `embed_tokens.weight` copied from the target). `drop` leaves tensors out."""
+    import torch
+
+    tc = target.config
+    cfg = dict(architectures=["LlamaForCausalLM"], model_type="llama", bias=bias,
+               hidden_size=tc.hidden_size, intermediate_size=tc.intermediate_size,
+               num_attention_heads=tc.num_attention_heads,
+               num_key_value_heads=tc.num_key_value_heads, num_hidden_layers=num_hidden_layers,
+               vocab_size=tc.vocab_size, rms_norm_eps=tc.rms_norm_eps,
+               max_position_embeddings=tc.max_position_embeddings,
+               rope_theta=getattr(tc, "rope_theta", 10000.0), hidden_act="silu",
+               torch_dtype="float32")
+    cfg.update(config_overrides)
+    h, inter = cfg["hidden_size"], cfg["intermediate_size"]
+    d = h // cfg["num_attention_heads"]
+    kv = cfg["num_key_value_heads"] * d
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *shape, mean=0.0: (torch.randn(*shape, generator=g) * std + mean)
+    sd = {"embed_tokens.weight": target.model.embed_tokens.weight.detach().clone(),
+          "fc.weight": rand(h, 2 * h)}
+    if bias:
+        sd["fc.bias"] = rand(h)
+    for i in range(num_hidden_layers):
+        p = f"layers.{i}"
+        if i > 0:
+            sd[f"{p}.input_layernorm.weight"] = rand(h, mean=1.0)
+        sd.update({f"{p}.self_attn.q_proj.weight": rand(h, h),
+                   f"{p}.self_attn.k_proj.weight": rand(kv, h),
+                   f"{p}.self_attn.v_proj.weight": rand(kv, h),
+                   f"{p}.self_attn.o_proj.weight": rand(h, h),
+                   f"{p}.post_attention_layernorm.weight": rand(h, mean=1.0),
+                   f"{p}.mlp.gate_proj.weight": rand(inter, h),
+                   f"{p}.mlp.up_proj.weight": rand(inter, h),
+                   f"{p}.mlp.down_proj.weight": rand(h, inter)})
+    for name in drop:
+        sd.pop(name)
+    head_dir = Path(tmp_path) / f"eagle-head-{seed}"
+    head_dir.mkdir(parents=True, exist_ok=True)
+    (head_dir / "config.json").write_text(json.dumps(cfg, indent=2))
+    torch.save(sd, head_dir / "pytorch_model.bin")
+    return head_dir
+
+
+def make_context_free_llama(tmp_path: str | Path, seed: int = 0):
+    """A tiny random Llama made a bigram model: attention and MLP outputs zeroed (o_proj,
+    down_proj), final norm weight 1, so its next token depends on the last token only.
+    Returns (hf_model, hf_dir); `make_exact_eagle_head` drafts it exactly."""
+    import torch
+
+    hf_model, hf_dir = make_tiny_llama(tmp_path, seed=seed)
+    with torch.no_grad():
+        for layer in hf_model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        hf_model.model.norm.weight.fill_(1.0)
+    return hf_model, hf_dir
+
+
+def make_exact_eagle_head(tmp_path: str | Path, target) -> Path:
+    """An EAGLE head (published layout) that is exact for a `make_context_free_llama` target:
+    fc passes the next token's embedding through and its layers add nothing, so the target's
+    LM head on its output ranks tokens as the target does after that token (the target's
+    final norm only rescales)."""
+    import torch
+
+    head_hf = make_tiny_eagle_head(tmp_path, target, seed=11, bias=False)
+    sd = torch.load(head_hf / "pytorch_model.bin", weights_only=True)
+    h = target.config.hidden_size
+    sd["fc.weight"] = torch.cat([torch.eye(h), torch.zeros(h, h)], 1)
+    for name in list(sd):
+        if name.endswith(("o_proj.weight", "down_proj.weight")):
+            sd[name] = torch.zeros_like(sd[name])
+    torch.save(sd, head_hf / "pytorch_model.bin")
+    return head_hf

@@ -31,6 +31,12 @@ HELP = {
     "temperature": "Sampling temperature (default: the model's).",
     "top_p": "Nucleus sampling probability mass (default: the model's).",
     "max_tokens": "Most tokens per answer (default: up to the context window).",
+    "speculative_mode": "Speculative decoding: disable, ngram (prompt lookup), small_draft (a "
+                        "draft model) or eagle (an EAGLE head); the last two need "
+                        "--additional-models.",
+    "spec_draft_length": "Most draft tokens verified per step (default 4).",
+    "additional_models": "The draft model (small_draft) or EAGLE head (eagle): MODEL or "
+                         "MODEL:LIB.",
 }
 
 
@@ -159,8 +165,15 @@ class ChatSession:
 @click.option("--temperature", type=float, default=None, help=HELP["temperature"])
 @click.option("--top-p", type=float, default=None, help=HELP["top_p"])
 @click.option("--max-tokens", type=int, default=None, help=HELP["max_tokens"])
+@click.option("--speculative-mode", default="disable", show_default=True,
+              type=click.Choice(["disable", "ngram", "small_draft", "eagle"]),
+              help=HELP["speculative_mode"])
+@click.option("--spec-draft-length", type=int, default=None, help=HELP["spec_draft_length"])
+@click.option("--additional-models", multiple=True, help=HELP["additional_models"])
 def chat(model: str, device: str, model_lib: str | None, system: str | None,
-         temperature: float | None, top_p: float | None, max_tokens: int | None) -> None:
+         temperature: float | None, top_p: float | None, max_tokens: int | None,
+         speculative_mode: str, spec_draft_length: int | None,
+         additional_models: tuple[str, ...]) -> None:
     """Chat with MODEL in the terminal (streamed answers, multi-turn history).
 
     MODEL: an MLC model dir, HF://org/repo, or SmolLM2-135M-Instruct.
@@ -172,7 +185,9 @@ def chat(model: str, device: str, model_lib: str | None, system: str | None,
     from mlc.runtime.engine import MLCEngine
 
     click.echo(f"Loading {model} ...")
-    engine = MLCEngine(model, device, model_lib=model_lib, mode="interactive")
+    engine = MLCEngine(model, device, model_lib=model_lib, mode="interactive",
+                       speculative_mode=speculative_mode, spec_draft_length=spec_draft_length,
+                       additional_models=list(additional_models))
     try:
         ChatSession(engine, system, temperature=temperature, top_p=top_p,
                     max_tokens=max_tokens).run()

@@ -34,10 +34,12 @@ HELP = {
                    "instead of starting a local Ray.",
     "ray_temp_dir": "With --ray and no --ray-address: the local Ray's temp dir (default: a new "
                     "dir under /tmp, removed on exit).",
-    "speculative_mode": "Speculative decoding: disable, ngram (prompt lookup) or small_draft "
-                        "(needs --additional-models).",
+    "speculative_mode": "Speculative decoding: disable, ngram (prompt lookup), small_draft (a "
+                        "draft model) or eagle (an EAGLE head); the last two need "
+                        "--additional-models.",
     "spec_draft_length": "Most draft tokens verified per sequence and step (default 4).",
-    "additional_models": "The draft model of small_draft: MODEL or MODEL:LIB.",
+    "additional_models": "The draft model (small_draft) or EAGLE head (eagle): MODEL or "
+                         "MODEL:LIB.",
     "prefix_cache_mode": "radix: reuse the KV entries of shared prompt prefixes; disable.",
 }
 
@@ -77,7 +79,7 @@ HELP = {
 @click.option("--ray-address", default=None, help=HELP["ray_address"])
 @click.option("--ray-temp-dir", default=None, help=HELP["ray_temp_dir"])
 @click.option("--speculative-mode", default="disable", show_default=True,
-              type=click.Choice(["disable", "ngram", "small_draft"]),
+              type=click.Choice(["disable", "ngram", "small_draft", "eagle"]),
               help=HELP["speculative_mode"])
 @click.option("--spec-draft-length", type=int, default=None, help=HELP["spec_draft_length"])
 @click.option("--additional-models", multiple=True, help=HELP["additional_models"])

@@ -27,7 +27,7 @@ from mlc.compiler.quantization import Quantization, get_quantization, quantize_w
 from mlc.compiler.quantization.group_quant import quantized_param_names
 from mlc.compiler.sources import SourceModel, open_source
 from mlc.errors import ConvertError
-from mlc.models.registry import ParamMap, get_model
+from mlc.models.registry import ParamMap, get_model, model_type_of
 from mlc.support.chat_config import ChatConfig
 from mlc.support.tensor_cache import TensorCacheWriter
 
@@ -82,7 +82,7 @@ def convert(source: str, quantization: str = "q4f16_1", output: str | Path | Non
     overrides = parse_overrides(overrides)
     start = time.time()
     with open_source(source, quiet=quiet) as src:
-        model_type = src.hf_config.get("model_type")
+        model_type = model_type_of(src.hf_config, src.tensor_names())
         if not model_type:
             raise ConvertError(f"{source}: config has no model_type; cannot tell the "
                                "architecture.", param="source")

@@ -70,6 +70,25 @@ class CausalLMBase(nn.Module):
         """Draft-token trees of several sequences [1, s, h] -> logits at every position."""
         return self.logits(self.body(input_embeds, paged_kv_cache)), paged_kv_cache
 
+    # -- hidden states (EAGLE drafting: the head reads the target's final hidden states) -----
+    def batch_prefill_to_last_hidden_states(self, input_embeds: Tensor, paged_kv_cache):
+        """Ragged prompt chunks [1, s, h] -> the final hidden states (after the last norm,
+        what the LM head reads) at every position [1, s, h]."""
+        return self.body(input_embeds, paged_kv_cache), paged_kv_cache
+
+    def batch_decode_to_last_hidden_states(self, input_embeds: Tensor, paged_kv_cache):
+        """One token for each of b sequences [b, 1, h] -> final hidden states [b, 1, h]."""
+        return self.body(input_embeds, paged_kv_cache), paged_kv_cache
+
+    def batch_verify_to_last_hidden_states(self, input_embeds: Tensor, paged_kv_cache):
+        """Draft chains of several sequences [1, s, h] -> final hidden states [1, s, h]."""
+        return self.body(input_embeds, paged_kv_cache), paged_kv_cache
+
+    def get_logits(self, hidden_states: Tensor, logit_positions: Tensor):
+        """Logits of the rows `logit_positions` [b] of final hidden states [n, h] -> [b, v]
+        (the target's LM head, also applied to an EAGLE head's outputs)."""
+        return self.logits(op.take(hidden_states, logit_positions, axis=0))
+
     # -- sampling helpers (no parameters) --------------------------------------------------
     def softmax_with_temperature(self, logits: Tensor, temperature: Tensor):
         """logits [b, 1, v] float32, temperature [b] (> 0) -> probabilities [b, 1, v]."""
@@ -123,6 +142,7 @@ class CausalLMBase(nn.Module):
                              "paged_kv_cache": kv, **packed},
             "batch_verify": {"input_embeds": nn.spec.Tensor([1, "seq_len", h], self.dtype),
                              "paged_kv_cache": kv, **packed},
+            **self.hidden_state_spec(kv, packed),
             "create_paged_kv_cache": {
                 "max_batch_size": int, "max_total_seq_len": int, "prefill_chunk_size": int,
                 "page_size": int, "support_sliding_window": int, **plain},
@@ -150,6 +170,24 @@ class CausalLMBase(nn.Module):
             for name in ("sample_with_top_p_top_k", "argmax", "renormalize_by_top_p_top_k"):
                 del spec[name]
         return spec
+
+
+    def hidden_state_spec(self, kv, packed: dict) -> dict:
+        """The export spec of the hidden-state functions (EAGLE speculative decoding)."""
+        h = self.config.hidden_size
+        ragged = nn.spec.Tensor([1, "seq_len", h], self.dtype)
+        return {
+            "batch_prefill_to_last_hidden_states": {"input_embeds": ragged,
+                                                    "paged_kv_cache": kv, **packed},
+            "batch_decode_to_last_hidden_states": {
+                "input_embeds": nn.spec.Tensor(["batch_size", 1, h], self.dtype),
+                "paged_kv_cache": kv, **packed},
+            "batch_verify_to_last_hidden_states": {"input_embeds": ragged,
+                                                   "paged_kv_cache": kv, **packed},
+            "get_logits": {"hidden_states": nn.spec.Tensor(["seq_len", h], self.dtype),
+                           "logit_positions": nn.spec.Tensor(["batch_size"], "int32"),
+                           **packed},
+        }
 
 
 @contextlib.contextmanager

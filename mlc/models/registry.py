@@ -111,6 +111,8 @@ MODELS: dict[str, ModelInfo] = {
     "qwen2": ModelInfo("qwen2", "mlc.models.qwen2", gguf_archs=("qwen2",)),  # Qwen2, 2.5
     "qwen3": ModelInfo("qwen3", "mlc.models.qwen3", gguf_archs=("qwen3",)),
     "gemma3_text": ModelInfo("gemma3_text", "mlc.models.gemma3", gguf_archs=("gemma3",)),
+    # An EAGLE-1/2 draft head for speculative decoding (its config.json says "llama").
+    "eagle": ModelInfo("eagle", "mlc.models.eagle", model_class="EagleHead"),
 }
 
 
@@ -120,6 +122,16 @@ NOT_SUPPORTED = {
               "the text-only gemma3_text checkpoints (270M, 1B)",
     "phi3": "Phi-3 is not supported yet (phi runs Phi-1, 1.5 and 2)",
 }
+
+
+def model_type_of(hf_config: dict[str, Any], tensor_names: list[str]) -> str | None:
+    """The registry's model_type for a Hugging Face checkpoint: its config's, except for an
+    EAGLE draft head, whose config says "llama" but whose weights are a head's (`fc.*` and
+    top-level `layers.*`, no `model.` prefix)."""
+    if not any(n.startswith("model.") for n in tensor_names) and \
+            any(n.startswith(("fc.", "layers.")) for n in tensor_names):
+        return "eagle"
+    return hf_config.get("model_type")
 
 
 def get_model(model_type: str) -> ModelInfo:

@@ -46,7 +46,7 @@ from mlc.runtime.grammar import (
     grammar_compiler,
     grammar_from_response_format,
 )
-from mlc.runtime.memory_plan import plan_memory
+from mlc.runtime.memory_plan import DraftNeeds, plan_memory
 from mlc.runtime.metrics import EngineStats, MetricsSnapshot
 from mlc.runtime.model import SAMPLING_FUNCTIONS, KVCacheConfig, LoadedModel
 from mlc.runtime.model_source import EMBEDDED_NAME, resolve_model
@@ -86,6 +86,49 @@ class EngineConfig:
     verbose: bool = False
 
 
+def _param_bytes(model: LoadedModel) -> int:
+    """Bytes of a loaded model's weights on its device."""
+    return sum(p.numel() * numpy_dtype(str(p.dtype)).itemsize for p in model.params)
+
+
+def _check_is_head(head_dir: Path, name: str) -> None:
+    """Refuse a model dir that is not an EAGLE head (before compiling or loading it)."""
+    chat = LoadedModel.peek_chat_config(head_dir)
+    if chat.model_type != "eagle":
+        raise ModelLoadError(
+            f"speculative_mode='eagle' needs an EAGLE head in additional_models, and {name} "
+            f"is a {chat.model_type} model. Convert a published head (e.g. "
+            "yuhuili/EAGLE-LLaMA3-Instruct-8B) with `mlc convert HEAD_DIR -o OUT`, or use "
+            "speculative_mode='small_draft' for a draft model.", param="additional_models")
+
+
+def _load_head(head_dir: Path, lib, device: str, target: LoadedModel, name: str):
+    """An EAGLE head for `target`: refused, naming the mismatch, unless its hidden size and
+    dtype are the target's."""
+    from mlc.runtime.model import LoadedHead
+
+    head = LoadedHead(head_dir, lib, device)
+    t, h = target.metadata, head.metadata
+    for key in ("hidden_size", "model_dtype"):
+        if t[key] != h[key]:
+            raise ModelLoadError(
+                f"The EAGLE head {name} has {key}={h[key]} and the target {t[key]}: a head "
+                "drafts from the target's hidden states, so it must be made for this target "
+                "(and converted with the target's quantization dtype).",
+                param="additional_models")
+    return head
+
+
+def _check_draft_bounds(draft: LoadedModel, plan) -> None:
+    """A draft library compiled for a smaller batch than the engine's is refused."""
+    bound = draft.metadata["max_batch_size"]
+    if plan.max_batch_size > bound:
+        raise ModelLoadError(
+            f"The draft library was compiled for max_batch_size={bound}, below the engine's "
+            f"{plan.max_batch_size}: lower max_batch_size or recompile the draft with "
+            f"--overrides max_batch_size={plan.max_batch_size}.", param="additional_models")
+
+
 class _EngineBase:
     """Loading, request preparation and response building shared by both engines."""
 
@@ -106,11 +149,6 @@ class _EngineBase:
         if speculative_mode not in SPECULATIVE_MODES:
             raise ModelLoadError(f"speculative_mode must be one of {SPECULATIVE_MODES}, got "
                                  f"{speculative_mode!r}.", param="speculative_mode")
-        if speculative_mode == "eagle":
-            raise ModelLoadError(
-                "speculative_mode='eagle' is not implemented in mlc yet; use 'small_draft' "
-                "(a draft model in additional_models), 'ngram' (prompt lookup, no draft "
-                "model) or 'disable'.", param="speculative_mode")
         self.speculative_mode = speculative_mode
         prefix_cache_mode = pick(prefix_cache_mode, cfg.prefix_cache_mode)
         if prefix_cache_mode not in PREFIX_CACHE_MODES:
@@ -135,19 +173,28 @@ class _EngineBase:
         t0 = time.perf_counter()
         self.model = self._load_runner(pick(model_lib, cfg.model_lib), device)
         self.chat_config = self.model.chat_config
-        weight_bytes = sum(p.numel() * numpy_dtype(str(p.dtype)).itemsize
-                           for p in self.model.params)
+        if speculative_mode == "eagle":        # (before loading the head: fail fast)
+            self.model.enable_hidden_states()
+        # the draft (small_draft) or EAGLE head is loaded first: the plan budgets for it
+        self.draft_model = self._load_draft_model() \
+            if speculative_mode in ("small_draft", "eagle") else None
+        draft = self.draft_model
         self.memory_plan = plan_memory(
-            self.model.metadata, weight_bytes, self.model.device, self.mode,
+            self.model.metadata, _param_bytes(self.model), self.model.device, self.mode,
             pick(max_batch_size, cfg.max_batch_size),
             pick(max_total_sequence_length, cfg.max_total_sequence_length),
             pick(prefill_chunk_size, cfg.prefill_chunk_size),
-            pick(gpu_memory_utilization, cfg.gpu_memory_utilization))
+            pick(gpu_memory_utilization, cfg.gpu_memory_utilization),
+            DraftNeeds.of(draft.metadata, _param_bytes(draft)) if draft else None)
         plan = self.memory_plan
         self.limits = EngineLimits(plan.max_batch_size, plan.max_total_sequence_length,
                                    plan.prefill_chunk_size, plan.context_window_size)
-        self.model.create_kv_cache(KVCacheConfig(
-            plan.max_batch_size, plan.max_total_sequence_length, plan.prefill_chunk_size))
+        kv_config = KVCacheConfig(plan.max_batch_size, plan.max_total_sequence_length,
+                                  plan.prefill_chunk_size)
+        self.model.create_kv_cache(kv_config)
+        if draft is not None:
+            _check_draft_bounds(draft, plan)
+            draft.create_kv_cache(kv_config)
         self.sampling_path = _sampling_path(sampling, self.model)
         if self.verbose:
             logger.warning("loaded %s (%s) on %s in %.1fs, sampling on the %s\n%s",
@@ -185,22 +232,28 @@ class _EngineBase:
 
     def _speculation(self):
         """(drafter, draft length) of the speculative mode, or None."""
-        from mlc.runtime.speculation import ModelDrafter, NgramDrafter
+        from mlc.runtime.speculation import EagleDrafter, ModelDrafter, NgramDrafter
 
         if self.speculative_mode == "ngram":
             return NgramDrafter(), self.spec_draft_length
+        chunk = min(self.limits.prefill_chunk_size,
+                    self.draft_model.metadata["prefill_chunk_size"]) if self.draft_model else 0
         if self.speculative_mode == "small_draft":
-            return (ModelDrafter(self._load_draft_model(), self.limits.prefill_chunk_size),
-                    self.spec_draft_length)
+            return ModelDrafter(self.draft_model, chunk), self.spec_draft_length
+        if self.speculative_mode == "eagle":
+            return EagleDrafter(self.draft_model, self.model, chunk), self.spec_draft_length
         return None
 
     def _load_draft_model(self) -> LoadedModel:
-        """The draft model of small_draft: additional_models[0], "model_path" or
-        "model_path:model_lib" (or a (path, lib) pair), its library compiled on demand
-        when absent; same vocabulary as the target, same device, its own KV cache."""
+        """The draft model of small_draft (or the head of eagle): additional_models[0],
+        "model_path" or "model_path:model_lib" (or a (path, lib) pair), its library compiled
+        on demand when absent; same vocabulary as the target, same device. Its KV cache is
+        created after the memory plan."""
+        mode = self.speculative_mode
+        what = "an EAGLE head" if mode == "eagle" else "a draft model"
         if not self.additional_models:
             raise ModelLoadError(
-                "speculative_mode='small_draft' needs a draft model: pass "
+                f"speculative_mode={mode!r} needs {what}: pass "
                 "additional_models=['DRAFT_MODEL'] (or 'DRAFT_MODEL:DRAFT_LIB').",
                 param="additional_models")
         spec = self.additional_models[0]
@@ -212,20 +265,21 @@ class _EngineBase:
                 path, lib = path.split(":", 1)
         kind, dev = parse_runtime_device(self.device_arg)
         draft_dir = resolve_model(path, quiet=not self.verbose, device_kind=kind)
+        if mode == "eagle":
+            _check_is_head(draft_dir, path)
         if lib is None:
             from mlc.runtime.jit import find_or_build_library
 
             lib = find_or_build_library(draft_dir, kind, dev, quiet=not self.verbose)
-        draft = LoadedModel(draft_dir, lib, self.device_arg)
+        if mode == "eagle":
+            draft = _load_head(draft_dir, lib, self.device_arg, self.model, path)
+        else:
+            draft = LoadedModel(draft_dir, lib, self.device_arg)
         if draft.vocab_size != self.model.vocab_size:
             raise ModelLoadError(
                 f"The draft model {path} has a vocabulary of {draft.vocab_size} tokens and the "
                 f"target {self.model.vocab_size}: a draft must share the target's tokenizer.",
                 param="additional_models")
-        plan = self.memory_plan
-        draft.create_kv_cache(KVCacheConfig(
-            plan.max_batch_size, plan.max_total_sequence_length, plan.prefill_chunk_size))
-        self.draft_model = draft
         return draft
 
     # -- the public interface beyond create --------------------------------------------
@@ -262,8 +316,10 @@ class _EngineBase:
         if not self._terminated:
             self._terminated = True
             self._core.shutdown()
-            self.model.kv_cache = None
-            self.model.params = []
+            for model in (self.model, self.draft_model):
+                if model is not None:
+                    model.kv_cache = None
+                    model.params = []
 
     def abort(self, request_id: str) -> None:
         """End a request early; its streams finish with finish_reason "abort"."""

@@ -43,7 +43,8 @@ class EngineCore:
         self.scheduler = Scheduler(runner, limits, self.counters, self.tracer,
                                    prefix_cache=prefix_cache, drafter=drafter,
                                    spec_draft_length=k)
-        self.actions = make_actions(runner, self.scheduler, self.counters, self.tracer)
+        self.actions = make_actions(runner, self.scheduler, self.counters, self.tracer,
+                                    features=getattr(drafter, "features", None))
         self.outputs = OutputProcessor(sampler, limits, self.tracer)
         self.request_metrics = RequestMetrics()
         # On an asynchronous device, a step's outputs are handed on once the next step was

@@ -27,6 +27,12 @@ REQUIRED_FUNCTIONS = ("embed", "prefill", "decode", "batch_prefill", "batch_deco
                       "batch_verify", "create_paged_kv_cache", "_metadata")
 
 
+# What EAGLE speculative decoding needs from the target's library (libraries built before
+# these existed lack them: recompile).
+HIDDEN_STATE_FUNCTIONS = ("batch_prefill_to_last_hidden_states",
+                          "batch_decode_to_last_hidden_states",
+                          "batch_verify_to_last_hidden_states", "get_logits")
+
 SAMPLING_FUNCTIONS = ("softmax_with_temperature", "sample_with_top_p_top_k", "argmax",
                       "apply_logit_bias")
 
@@ -136,6 +142,8 @@ def random_param(spec: dict, seed: int = 0) -> np.ndarray:
 class LoadedModel:
     """Weights on a device plus the library's functions and one paged KV cache."""
 
+    required_functions = REQUIRED_FUNCTIONS
+
     def __init__(self, model_dir: str | Path, lib_path: str | Path, device: str = "auto",
                  dummy: bool = False):
         import tvm
@@ -146,10 +154,7 @@ class LoadedModel:
         self.device_kind, self.device = parse_runtime_device(device)
         self.lib_path = Path(lib_path)
         self.vm = rvm.VirtualMachine(_load_module(lib_path), self.device)
-        missing = [f for f in REQUIRED_FUNCTIONS if not self._has(f)]
-        if missing:
-            raise ModelLoadError(f"{lib_path} lacks the functions {missing}: it is not an mlc "
-                                 "model library. Rebuild it with `mlc compile`.")
+        self._check_library(lib_path)
         self.metadata = json.loads(str(self.vm["_metadata"]()))
         if dummy:   # random weights of the right shapes (benchmarks of unreleased sizes)
             self.params = [self._random_param(p, i) for i, p in enumerate(self.metadata["params"])]
@@ -160,7 +165,7 @@ class LoadedModel:
                            for p in self.metadata["params"]]
         self.hidden_size = self.metadata["hidden_size"]
         self.vocab_size = self.metadata["vocab_size"]
-        self._fn = {name: self.vm[name] for name in REQUIRED_FUNCTIONS}
+        self._fn = {name: self.vm[name] for name in self.required_functions}
         self._reshape = tvm.get_global_func("vm.builtin.reshape")
         g = lambda n: tvm.get_global_func(n)
         self._add_seq = g("vm.builtin.kv_state_add_sequence")
@@ -180,6 +185,35 @@ class LoadedModel:
         # single-sequence ones are compiled for a static batch of 1 and may sum in another
         # order); mlc's CUDA kernels read the same variable (cuda_check.h)
         self.batch_invariant = batch_invariant_enabled()
+        # EAGLE: forwards go through the hidden-state functions, and the final hidden states
+        # of the last forward's tokens are kept on the host ([tokens, h], `last_hidden`)
+        self.keep_hidden = False
+        self.last_hidden: np.ndarray | None = None
+
+    @staticmethod
+    def peek_chat_config(model_dir: str | Path) -> ChatConfig:
+        """A model dir's mlc-chat-config.json, without loading anything."""
+        return ChatConfig.load(Path(model_dir))
+
+    def _check_library(self, lib_path) -> None:
+        missing = [f for f in self.required_functions if not self._has(f)]
+        if missing:
+            raise ModelLoadError(f"{lib_path} lacks the functions {missing}: it is not an mlc "
+                                 "model library. Rebuild it with `mlc compile`.")
+
+    def enable_hidden_states(self) -> None:
+        """Keep the final hidden states of every forward (`last_hidden`), for an EAGLE head.
+        A library compiled before mlc exported them is refused with the fix."""
+        missing = [f for f in HIDDEN_STATE_FUNCTIONS if not self._has(f)]
+        if missing:
+            raise ModelLoadError(
+                f"speculative_mode='eagle' needs the target library to export its hidden "
+                f"states, and {self.lib_path} lacks {missing} (built by an older mlc). "
+                f"Recompile it with `mlc compile {self.model_dir} --device "
+                f"{self.device_kind} -o LIB`, or drop model_lib to compile on demand.",
+                param="model_lib")
+        self._fn.update({f: self.vm[f] for f in HIDDEN_STATE_FUNCTIONS})
+        self.keep_hidden = True
 
     def _random_param(self, spec: dict, seed: int):
         """A random parameter made on the host and copied to the device (`random_param`)."""
@@ -259,6 +293,9 @@ class LoadedModel:
         lengths = [len(t) for t in token_lists]
         flat = np.concatenate([np.asarray(t, dtype="int32") for t in token_lists])
         embeds = self._embed(flat, (1, len(flat), self.hidden_size))
+        if self.keep_hidden:
+            return self._hidden_logits("batch_prefill_to_last_hidden_states", seq_ids, lengths,
+                                       embeds, np.cumsum(lengths) - 1)
         if len(seq_ids) == 1 and not self.batch_invariant:
             logits = self._forward("prefill", seq_ids, lengths, embeds)
         else:
@@ -283,6 +320,9 @@ class LoadedModel:
         for end, length, score in zip(ends, lengths, scored):
             first_rows.append(len(positions))
             positions.extend(range(end - length, end) if score else [end - 1])
+        if self.keep_hidden:
+            return self._hidden_logits("batch_prefill_to_last_hidden_states", seq_ids, lengths,
+                                       embeds, positions), first_rows
         pos = tvm.runtime.tensor(np.asarray(positions, dtype="int32"), self.device)
         logits = self._forward("batch_prefill", seq_ids, lengths, embeds, pos)
         return self._as_rows(logits, len(positions)), first_rows
@@ -291,6 +331,9 @@ class LoadedModel:
         """One new token for each sequence; logits [b, v] on the device."""
         b = len(seq_ids)
         embeds = self._embed(np.asarray(tokens, dtype="int32"), (b, 1, self.hidden_size))
+        if self.keep_hidden:
+            return self._hidden_logits("batch_decode_to_last_hidden_states", seq_ids, [1] * b,
+                                       embeds, np.arange(b))
         fn = "decode" if b == 1 and not self.batch_invariant else "batch_decode"
         return self._as_rows(self._forward(fn, seq_ids, [1] * b, embeds), b)
 
@@ -299,7 +342,27 @@ class LoadedModel:
         lengths = [len(t) for t in token_lists]
         flat = np.concatenate([np.asarray(t, dtype="int32") for t in token_lists])
         embeds = self._embed(flat, (1, len(flat), self.hidden_size))
+        if self.keep_hidden:
+            return self._hidden_logits("batch_verify_to_last_hidden_states", seq_ids, lengths,
+                                       embeds, np.arange(len(flat)))
         return self._as_rows(self._forward("batch_verify", seq_ids, lengths, embeds), len(flat))
+
+    def _hidden_logits(self, fn: str, seq_ids: list[int], lengths: list[int], embeds,
+                       positions):
+        """Run a hidden-state forward, keep its hidden states on the host (`last_hidden`,
+        one row per token), return the logits of the rows `positions` [b, v]."""
+        hidden = self.reshape(self._forward(fn, seq_ids, lengths, embeds),
+                              (sum(lengths), self.hidden_size))
+        self.last_hidden = hidden.numpy()
+        return self.hidden_logits(hidden, positions)
+
+    def hidden_logits(self, hidden, positions):
+        """The LM head on rows `positions` of final hidden states [n, h] (a device tensor or
+        a host array) -> logits [b, v] on the device."""
+        if isinstance(hidden, np.ndarray):
+            hidden = self.upload(hidden)
+        pos = self.upload(np.asarray(positions, dtype="int32"))
+        return self._fn["get_logits"](hidden, pos, self.params)
 
     def prefill(self, seq_ids: list[int], token_lists: list[list[int]]) -> np.ndarray:
         """`prefill_logits`, copied to the host [b, v]."""
@@ -338,3 +401,50 @@ class LoadedModel:
         itemsize = np.dtype(str(tensor.dtype)).itemsize
         # TVM 0.27 offers views only through this (underscored) method of its Tensor.
         return tensor._create_view((1, n), str(tensor.dtype), relative_byte_offset=i * n * itemsize)
+
+
+class LoadedHead(LoadedModel):
+    """An EAGLE draft head's library and weights, with its own paged KV cache: it reads the
+    target's final hidden states, and its outputs go through the target's LM head
+    (`LoadedModel.hidden_logits`)."""
+
+    required_functions = ("embed", "batch_prefill_to_last_hidden_states",
+                          "batch_decode_to_last_hidden_states", "create_paged_kv_cache",
+                          "_metadata")
+
+    def _check_library(self, lib_path) -> None:
+        missing = [f for f in self.required_functions if not self._has(f)]
+        if missing:
+            raise ModelLoadError(
+                f"{lib_path} lacks the functions {missing}: it is not the library of an EAGLE "
+                f"head (model_type eagle). Convert the head with `mlc convert HEAD_DIR -o OUT` "
+                "and compile it with `mlc compile OUT`.", param="additional_models")
+
+    def prefill_hidden(self, seq_ids: list[int], token_lists: list[list[int]],
+                       features: np.ndarray) -> np.ndarray:
+        """Append chunks: each token with the target feature it is paired with (`features`
+        [tokens, h], in order); the head's outputs after each chunk's last token [b, h]."""
+        lengths = [len(t) for t in token_lists]
+        flat = np.concatenate([np.asarray(t, dtype="int32") for t in token_lists])
+        embeds = self._embed(flat, (1, len(flat), self.hidden_size))
+        feats = self.reshape(self.upload(features.astype(self.dtype_np)),
+                             (1, len(flat), self.hidden_size))
+        pos = self.upload((np.cumsum(lengths) - 1).astype("int32"))
+        out = self._forward("batch_prefill_to_last_hidden_states", seq_ids, lengths, embeds,
+                            feats, pos)
+        return self.reshape(out, (len(seq_ids), self.hidden_size)).numpy()
+
+    def decode_hidden(self, seq_ids: list[int], tokens: list[int],
+                      features: np.ndarray) -> np.ndarray:
+        """One draft step: each token with the head's previous output [b, h] -> [b, h]."""
+        b = len(seq_ids)
+        embeds = self._embed(np.asarray(tokens, dtype="int32"), (b, 1, self.hidden_size))
+        feats = self.reshape(self.upload(features.astype(self.dtype_np)),
+                             (b, 1, self.hidden_size))
+        out = self._forward("batch_decode_to_last_hidden_states", seq_ids, [1] * b, embeds,
+                            feats)
+        return self.reshape(out, (b, self.hidden_size)).numpy()
+
+    @property
+    def dtype_np(self) -> str:
+        return self.metadata["model_dtype"]

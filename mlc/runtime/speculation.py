@@ -8,6 +8,10 @@
   proposes its greedy continuation. It keeps its own KV cache: each sequence's draft KV is
   synced lazily before drafting (entries past the tokens the target accepted are popped, the
   missing ones prefilled), and freed when the sequence leaves the target's cache.
+- `EagleDrafter` (`speculative_mode="eagle"`): an EAGLE-1/2 head (`mlc.models.eagle`) drafts
+  a greedy chain from the target's final hidden states, which every target step hands it
+  (`step.FeatureSink`); the head's outputs go through the target's LM head. Tree drafts are
+  not made (see the README's "Speculative decoding").
 
 The Scheduler asks the drafter for every decode sequence's draft (`propose`); the target
 checks the drafts of the whole batch in one `batch_verify` call (`step.VerifyAction`), and
@@ -24,6 +28,8 @@ is identical token for token.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -141,6 +147,146 @@ class ModelDrafter:
                 self.cached[id(seqs[i])][1].append(drafts[i][-1])
                 drafts[i].append(int(np.argmax(logits[row])))
         return drafts
+
+
+@dataclass
+class _HeadState:
+    """One sequence's EAGLE head: target positions < `done` were fed to the head's KV with
+    the target's features; `spec` draft entries follow them (popped before the next feed);
+    `features[i]` is the target's final hidden state at position `base + i`."""
+
+    base: int
+    features: np.ndarray
+    done: int
+    head_id: int | None = None
+    spec: int = 0
+
+
+class EagleDrafter:
+    """Greedy chains from an EAGLE head (`LoadedHead`) over the target's features.
+
+    Alignment (EAGLE's): head position j reads the target's feature f_j and token x_{j+1}, and
+    its output g_j gives the logits of x_{j+2} through the target's LM head. For a sequence of
+    T tokens (the target's cache holds T - 1), the head is fed positions up to T - 2; g_{T-2}
+    gives the first draft token d1, and each further step feeds (d_i, g_prev). The target's
+    features of a step's positions are `record`ed by the step actions; a verify's rejected
+    rows are overwritten by the next step's. A sequence that forked a cached prefix has no
+    features for it: its head starts at the first position the target computed (drafts
+    there see less context; verification keeps the output exact regardless).
+    """
+
+    def __init__(self, head, target, prefill_chunk_size: int):
+        self.head, self.target = head, target
+        self.chunk = min(prefill_chunk_size, head.metadata["prefill_chunk_size"])
+        self.state: dict[int, _HeadState] = {}      # id(seq) -> its head state
+        self._ids = 0
+
+    @property
+    def features(self):
+        """The step actions hand the target's hidden states here."""
+        return self
+
+    # -- FeatureSink ------------------------------------------------------------------------
+    def record(self, seq, start: int, rows: np.ndarray) -> None:
+        st = self.state.get(id(seq))
+        if st is not None and (start < st.done or start > st.base + len(st.features)):
+            self.release(seq)          # a gap or a rewrite of consumed positions: start over
+            st = None
+        if st is None:
+            self.state[id(seq)] = _HeadState(start, np.array(rows), start)
+            return
+        st.features = np.concatenate([st.features[: start - st.base], rows])
+
+    def fork(self, parent, child) -> None:
+        st = self.state.get(id(parent))
+        if st is not None:
+            self.state[id(child)] = _HeadState(st.base, st.features.copy(), st.done)
+
+    def release(self, seq) -> None:
+        st = self.state.pop(id(seq), None)
+        if st is not None and st.head_id is not None:
+            self.head.remove_sequence(st.head_id)
+
+    # -- drafting ---------------------------------------------------------------------------
+    def _feed(self, seq, st: _HeadState) -> tuple[list[int], np.ndarray] | None:
+        """The tokens x_{j+1} and features f_j of the positions j the head still needs
+        (done .. T - 2), or None when the features do not reach T - 2."""
+        last = len(seq.tokens) - 2
+        if last < st.done or st.base + len(st.features) <= last:
+            return None
+        return (list(seq.tokens[st.done + 1: last + 2]),
+                st.features[st.done - st.base: last + 1 - st.base])
+
+    def propose(self, seqs: list, ks: list[int]) -> list[list[int]]:
+        drafts: list[list[int]] = [[] for _ in seqs]
+        work = []                                   # (index, state, tokens, features)
+        page, free = self.head.page_size, self.head.free_pages()
+        for i, (seq, k) in enumerate(zip(seqs, ks)):
+            st = self.state.get(id(seq))
+            feed = self._feed(seq, st) if k > 0 and st is not None else None
+            if feed is None:
+                continue
+            if st.head_id is None:
+                self._ids += 1
+                st.head_id = self._ids
+                self.head.add_sequence(st.head_id)
+            if st.spec:
+                self.head.popn(st.head_id, st.spec)
+                st.spec = 0
+            held = st.done - st.base
+            need = -(-(held + len(feed[0]) + k) // page) - (-(-held // page))
+            if need > free:
+                continue                            # no room in the head's cache: no draft
+            free -= need
+            work.append((i, st, *feed))
+        if not work:
+            return drafts
+        last = self._catch_up(work)
+        # d1 from g_{T-2}; then k - 1 steps feeding (d_i, g_prev)
+        hidden = np.stack([last[i] for i, *_ in work])
+        active = [i for i, *_ in work]
+        states = {i: st for i, st, *_ in work}
+        while active:
+            logits = self.target.hidden_logits(hidden, np.arange(len(active))).numpy()
+            for row, i in enumerate(active):
+                drafts[i].append(int(np.argmax(logits[row])))
+            keep = [r for r, i in enumerate(active) if len(drafts[i]) < ks[i]]
+            if not keep:
+                break
+            active = [active[r] for r in keep]
+            hidden = self.head.decode_hidden([states[i].head_id for i in active],
+                                             [drafts[i][-1] for i in active], hidden[keep])
+            for i in active:
+                states[i].spec += 1
+        return drafts
+
+    def _catch_up(self, work) -> dict[int, np.ndarray]:
+        """Feed every sequence's missing positions to the head, in prefill chunks; the head's
+        output at each one's last position."""
+        last: dict[int, np.ndarray] = {}
+        pending = {i: (st, toks, feats) for i, st, toks, feats in work}
+        while pending:
+            batch, budget = [], self.chunk
+            for i, (st, toks, feats) in list(pending.items()):
+                if budget <= 0:
+                    break
+                take = min(len(toks), budget)
+                batch.append((i, st, toks[:take], feats[:take]))
+                budget -= take
+            out = self.head.prefill_hidden([st.head_id for _, st, _, _ in batch],
+                                           [t for _, _, t, _ in batch],
+                                           np.concatenate([f for _, _, _, f in batch]))
+            for row, (i, st, toks, feats) in enumerate(batch):
+                st.done += len(toks)
+                _, rest_t, rest_f = pending[i]
+                if len(rest_t) > len(toks):
+                    pending[i] = (st, rest_t[len(toks):], rest_f[len(toks):])
+                else:
+                    del pending[i]
+                    last[i] = out[row]
+                    st.features = st.features[st.done - st.base:]   # consumed: drop
+                    st.base = st.done
+        return last
 
 
 def can_speculate(processors: list[LogitProcessor]) -> bool:

@@ -8,7 +8,7 @@ decode that also checks draft tokens, `mlc.runtime.speculation`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -17,6 +17,27 @@ from mlc.runtime.request import Sequence, StepCounters, TokenLogprob
 from mlc.runtime.sampler import log_softmax
 from mlc.runtime.scheduler import ScheduledBatch, Scheduler, StepKind
 from mlc.runtime.tracing import Tracer
+
+
+class FeatureSink(Protocol):
+    """Takes the target's final hidden states of each step (EAGLE drafting reads them)."""
+
+    def record(self, seq: Sequence, start: int, rows: np.ndarray) -> None:
+        """`rows` [n, h]: the hidden states at positions start .. start + n - 1 of `seq`."""
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """`child` starts as a copy of `parent` (n > 1 choices after the prompt)."""
+
+
+def record_features(features: FeatureSink | None, runner: ModelRunner, seqs: list[Sequence],
+                    chunks: list[list[int]], starts: list[int]) -> None:
+    """Hand each sequence's rows of the last forward's hidden states to `features`."""
+    if features is None:
+        return
+    hidden, offset = runner.last_hidden, 0
+    for seq, chunk, start in zip(seqs, chunks, starts):
+        features.record(seq, start, hidden[offset: offset + len(chunk)])
+        offset += len(chunk)
 
 
 @dataclass
@@ -33,9 +54,9 @@ class PrefillAction:
     (and a request with n > 1 forks its other choices off the prompt's pages first)."""
 
     def __init__(self, runner: ModelRunner, scheduler: Scheduler, counters: StepCounters,
-                 tracer: Tracer):
+                 tracer: Tracer, features: FeatureSink | None = None):
         self.runner, self.scheduler = runner, scheduler
-        self.counters, self.tracer = counters, tracer
+        self.counters, self.tracer, self.features = counters, tracer, features
 
     def run(self, batch: ScheduledBatch) -> StepResult:
         seq_ids = [s.seq_id for s in batch.seqs]
@@ -49,6 +70,8 @@ class PrefillAction:
             logits = self.runner.prefill_logits(seq_ids, batch.chunks)
             last_rows = list(range(len(batch.seqs)))
         self.counters.prefill_tokens += sum(len(c) for c in batch.chunks)
+        record_features(self.features, self.runner, batch.seqs, batch.chunks,
+                        [s.num_cached for s in batch.seqs])
         rows, seqs = [], []
         for row, seq, chunk in zip(last_rows, batch.seqs, batch.chunks):
             seq.num_cached += len(chunk)
@@ -57,6 +80,8 @@ class PrefillAction:
                 continue                                    # more of the prompt to come
             if seq.index == 0 and seq.request.config.n > 1 and not seq.request.forked:
                 for child in self.scheduler.fork_choices(seq):
+                    if self.features is not None:
+                        self.features.fork(seq, child)
                     rows.append(row)
                     seqs.append(child)
             rows.append(row)
@@ -95,14 +120,18 @@ def score_prompts(logits: np.ndarray, batch: ScheduledBatch, first_rows: list[in
 class DecodeAction:
     """One token for every sequence of the batch."""
 
-    def __init__(self, runner: ModelRunner, counters: StepCounters, tracer: Tracer):
+    def __init__(self, runner: ModelRunner, counters: StepCounters, tracer: Tracer,
+                 features: FeatureSink | None = None):
         self.runner, self.counters, self.tracer = runner, counters, tracer
+        self.features = features
 
     def run(self, batch: ScheduledBatch) -> StepResult:
         if not batch.seqs:                                  # only choices that ended
             return StepResult(None, [], [])
         logits = self.runner.decode_logits([s.seq_id for s in batch.seqs],
                                            [c[0] for c in batch.chunks])
+        record_features(self.features, self.runner, batch.seqs, batch.chunks,
+                        [s.num_cached for s in batch.seqs])
         self.counters.decode_tokens += len(batch.seqs)
         self.counters.decode_steps += 1
         self.tracer.batch("decode", len(batch.seqs),
@@ -126,11 +155,16 @@ class VerifyAction:
     go through `batch_verify` in one call (logits at every position); after the
     OutputProcessor accepted tokens, `commit` pops the KV entries of rejected ones."""
 
-    def __init__(self, runner: ModelRunner, counters: StepCounters, tracer: Tracer):
+    def __init__(self, runner: ModelRunner, counters: StepCounters, tracer: Tracer,
+                 features: FeatureSink | None = None):
         self.runner, self.counters, self.tracer = runner, counters, tracer
+        self.features = features
 
     def run(self, batch: ScheduledBatch) -> VerifyResult:
         logits = self.runner.verify_logits([s.seq_id for s in batch.seqs], batch.chunks)
+        # (rows past what the OutputProcessor accepts are overwritten by the next step's)
+        record_features(self.features, self.runner, batch.seqs, batch.chunks,
+                        [s.num_cached for s in batch.seqs])
         rows, offset = [], 0
         for chunk in batch.chunks:
             rows.append(offset)
@@ -162,8 +196,9 @@ class VerifyAction:
 
 
 def make_actions(runner: ModelRunner, scheduler: Scheduler, counters: StepCounters,
-                 tracer: Tracer) -> dict[StepKind, Any]:
-    """The action of each step kind."""
-    return {StepKind.PREFILL: PrefillAction(runner, scheduler, counters, tracer),
-            StepKind.DECODE: DecodeAction(runner, counters, tracer),
-            StepKind.VERIFY: VerifyAction(runner, counters, tracer)}
+                 tracer: Tracer, features: FeatureSink | None = None) -> dict[StepKind, Any]:
+    """The action of each step kind (`features`: where the target's hidden states go, for
+    EAGLE drafting)."""
+    return {StepKind.PREFILL: PrefillAction(runner, scheduler, counters, tracer, features),
+            StepKind.DECODE: DecodeAction(runner, counters, tracer, features),
+            StepKind.VERIFY: VerifyAction(runner, counters, tracer, features)}

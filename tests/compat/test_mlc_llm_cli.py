@@ -143,8 +143,6 @@ def test_unsupported_convert_and_gen_config_options(tiny, tmp_path):
     common = [tiny.hf_dir, "--quantization", "q4f32_1", "-o", out]
     refused("convert_weight", *common, "--lora-adapter", tmp_path, match="merge the adapter")
     refused("convert_weight", *common, "--source-format", "awq", match="--source-format awq")
-    refused("convert_weight", *common, "--source-format", "huggingface-torch",
-            match="safe_serialization")
     refused("convert_weight", *common, "--source", tmp_path, match="from one place")
     refused("convert_weight", *common, "--model-type", "mistral", match="model_type=llama")
     refused("convert_weight", tiny.hf_dir, "--quantization", "q3f16_0", "-o", out,
@@ -259,13 +257,35 @@ def test_serve_debug_and_tracing_flags(monkeypatch, two_step):
             assert flag not in calls[0] and f"has no {flag} yet" in out.output
 
 
+def test_serve_and_chat_map_speculative_decoding(monkeypatch, two_step):
+    """MLC-LLM's `--speculative-mode`, `--additional-models MODEL[,LIB]` and
+    `spec_draft_length` override become mlc's options (MODEL:LIB)."""
+    spec = ("--speculative-mode", "eagle", "--additional-models", "/m/head,/m/head.so",
+            "--overrides", "spec_draft_length=3", "--prefix-cache-mode", "disable")
+    argv = serve_argv(monkeypatch, two_step, *spec)
+    assert argv[9:] == ["--spec-draft-length", "3", "--speculative-mode", "eagle",
+                        "--additional-models", "/m/head:/m/head.so",
+                        "--prefix-cache-mode", "disable"]
+    argv = serve_argv(monkeypatch, two_step, "--speculative-mode", "small_draft",
+                      "--additional-models", "/m/draft")
+    assert argv[9:] == ["--speculative-mode", "small_draft", "--additional-models", "/m/draft"]
+    calls = []
+    monkeypatch.setattr(mlc_llm_cli, "_run_mlc", lambda name, argv: calls.append((name, argv)))
+    ok("chat", two_step, *spec[:6])
+    assert calls == [("chat", [str(two_step), "--device", "auto", "--spec-draft-length", "3",
+                               "--speculative-mode", "eagle", "--additional-models",
+                               "/m/head:/m/head.so"])]
+
+
 def test_unsupported_serve_options(two_step, monkeypatch):
     monkeypatch.setattr(mlc_llm_cli, "_run_mlc", lambda name, argv: pytest.fail("ran"))
-    refused("serve", two_step, "--speculative-mode", "eagle", match="speculative decoding")
-    refused("serve", two_step, "--additional-models", "draft", match="--additional-models")
+    refused("serve", two_step, "--speculative-mode", "medusa", match="--speculative-mode medusa")
+    refused("serve", two_step, "--additional-models", "draft", match="--speculative-mode")
+    refused("serve", two_step, "--speculative-mode", "eagle", "--additional-models", "a",
+            "--additional-models", "b", match="several --additional-models")
     refused("serve", two_step, "--embedding-model", "emb", match="/v1/embeddings")
     refused("serve", two_step, "--allow-origins", '["*"]', match="CORS")
-    refused("serve", two_step, "--overrides", "spec_draft_length=4",
+    refused("serve", two_step, "--overrides", "spec_tree_width=4",
             match="`mlc serve` has no such setting")
     refused("serve", two_step, "--overrides", "max_num_seq=4", match="max_num_sequence")
     refused("serve", two_step, "--overrides", "max_num_sequence", match="KEY=VALUE")

@@ -81,11 +81,11 @@ def test_a_server_that_cannot_start_says_why(tmp_path):
 
 
 def test_an_unsupported_option_stops_the_server_with_its_message(tiny):
-    cfg = SimpleNamespace(speculative_mode="eagle", additional_models=[])
+    cfg = SimpleNamespace(speculative_mode="medusa", additional_models=[])
     server = PopenServer(str(tiny.mlc_dir), "cpu", model_lib=str(tiny.lib), port=free_port(),
                          engine_config=cfg, startup_timeout=300)
     try:
-        with pytest.raises(RuntimeError, match="no speculative decoding yet"):
+        with pytest.raises(RuntimeError, match="--speculative-mode medusa"):
             server.start()
     finally:
         server.terminate()

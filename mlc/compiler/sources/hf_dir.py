@@ -23,6 +23,7 @@ from mlc.support.chat_config import CHAT_CONFIG_NAME
 from mlc.support.tensor_cache import find_tensor_cache
 
 INDEX_NAME = "model.safetensors.index.json"
+TORCH_INDEX_NAME = "pytorch_model.bin.index.json"
 _CHUNK_ELEMS = 1 << 22     # casts are done in chunks of this many elements
 _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
            "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U64": np.uint64,
@@ -68,12 +69,40 @@ def _weight_files(directory: Path) -> list[Path]:
     if len(files) > 1:
         files = [f for f in files if not f.name.startswith("consolidated")] or files
     if not files:
+        files = _torch_weight_files(directory)
+    if not files:
         others = sorted(p.name for p in directory.glob("*") if p.suffix in (".bin", ".pt", ".pth",
                                                                             ".gguf"))
-        hint = (f" Found {others}: only safetensors are read from a dir (pass a .gguf file "
-                "path directly)." if others else "")
+        hint = (f" Found {others}: only safetensors and pytorch_model*.bin are read from a dir "
+                "(pass a .gguf file path directly)." if others else "")
         raise ConvertError(f"{directory} has no *.safetensors weights.{hint}", param="source")
     return files
+
+
+def _torch_weight_files(directory: Path) -> list[Path]:
+    """PyTorch checkpoints (`pytorch_model.bin`, or shards listed in its index): how some
+    published checkpoints ship, e.g. EAGLE draft heads."""
+    index = directory / TORCH_INDEX_NAME
+    if index.is_file():
+        weight_map = _read_json(index).get("weight_map") or {}
+        return [directory / f for f in dict.fromkeys(weight_map.values())]
+    return sorted(directory.glob("pytorch_model*.bin"))
+
+
+def _load_torch(path: Path) -> dict[str, Any]:
+    """A PyTorch state dict, memory-mapped, tensors only (`weights_only`: no code runs)."""
+    try:
+        import torch
+    except ImportError as e:
+        raise ConvertError(f"{path} is a PyTorch checkpoint: reading it needs torch "
+                           "(pip install 'mlc[torch]'), or convert it to safetensors.") from e
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many kinds for a bad file
+        raise ConvertError(f"Corrupt PyTorch checkpoint {path}: {e}") from e
+    if not isinstance(state, dict):
+        raise ConvertError(f"{path} does not hold a state dict (name -> tensor).")
+    return state
 
 
 class HFDirSource(SourceModel):
@@ -94,7 +123,12 @@ class HFDirSource(SourceModel):
         files = _weight_files(d)
         self._where: dict[str, Path] = {}
         self._headers: dict[Path, tuple[int, dict[str, Any]]] = {}
+        self._torch: dict[Path, dict[str, Any]] = {}
         for f in files:
+            if f.suffix == ".bin":
+                self._torch[f] = _load_torch(f)
+                self._where.update(dict.fromkeys(self._torch[f], f))
+                continue
             # safetensors validates the header and the file size; the data is read by _read.
             try:
                 with safe_open(str(f), framework="numpy") as handle:
@@ -130,6 +164,8 @@ class HFDirSource(SourceModel):
             path = self._where[name]
         except KeyError:
             raise ConvertError(f"Tensor {name!r} is not in {self.directory}.") from None
+        if path in self._torch:
+            return _torch_array(self._torch[path][name], dtype)
         try:
             return self._read(path, name, dtype)
         except (OSError, ValueError, KeyError, TypeError) as e:
@@ -173,3 +209,14 @@ class HFDirSource(SourceModel):
 
     def close(self) -> None:
         self._headers.clear()
+        self._torch.clear()
+
+
+def _torch_array(tensor, dtype: Any) -> np.ndarray:
+    """A torch tensor as a numpy array (bfloat16 through float32), cast to `dtype`."""
+    import torch
+
+    if tensor.dtype == torch.bfloat16:
+        tensor = tensor.float()
+    out = tensor.detach().cpu().numpy()
+    return out.astype(dtype) if dtype is not None else out

@@ -42,7 +42,12 @@ def _complete(path: Path) -> bool:
     if index.is_file():
         files = set(json.loads(index.read_text()).get("weight_map", {}).values())
         return all((path / f).is_file() for f in files)
-    return any(path.glob("*.safetensors"))
+    return any(path.glob("*.safetensors")) or any(path.glob("pytorch_model*.bin"))
+
+
+# Repos without safetensors (e.g. the published EAGLE heads) ship PyTorch checkpoints, fetched
+# only when a snapshot has no safetensors (most repos carry both: the .bin would double it).
+TORCH_PATTERNS = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]
 
 
 @contextlib.contextmanager
@@ -81,7 +86,10 @@ def download(repo_id: str, quiet: bool = False) -> Path:
             return path
     try:
         with _progress(quiet):
-            return Path(snapshot_download(repo_id, **kwargs))
+            path = Path(snapshot_download(repo_id, **kwargs))
+            if (path / "config.json").is_file() and not _complete(path):
+                path = Path(snapshot_download(repo_id, allow_patterns=TORCH_PATTERNS))
+            return path
     except GatedRepoError as e:
         raise ConvertError(f"HF://{repo_id} is gated: accept its license on the hub and log in "
                            "(`hf auth login`), or pass a local dir.", param="source") from e
