@@ -70,6 +70,12 @@ class CausalLMBase(nn.Module):
         """Draft-token trees of several sequences [1, s, h] -> logits at every position."""
         return self.logits(self.body(input_embeds, paged_kv_cache)), paged_kv_cache
 
+    def batch_prefill_hidden_states(self, input_embeds: Tensor, paged_kv_cache):
+        """Ragged prompt chunks of several sequences [1, s, h] -> the final (normed) hidden
+        state of every position [1, s, h] float32, for embeddings (no logits computed)."""
+        hidden = self.body(input_embeds, paged_kv_cache)
+        return op.astype(hidden, "float32"), paged_kv_cache
+
     # -- sampling helpers (no parameters) --------------------------------------------------
     def softmax_with_temperature(self, logits: Tensor, temperature: Tensor):
         """logits [b, 1, v] float32, temperature [b] (> 0) -> probabilities [b, 1, v]."""
@@ -123,6 +129,9 @@ class CausalLMBase(nn.Module):
                              "paged_kv_cache": kv, **packed},
             "batch_verify": {"input_embeds": nn.spec.Tensor([1, "seq_len", h], self.dtype),
                              "paged_kv_cache": kv, **packed},
+            "batch_prefill_hidden_states": {
+                "input_embeds": nn.spec.Tensor([1, "seq_len", h], self.dtype),
+                "paged_kv_cache": kv, **packed},
             "create_paged_kv_cache": {
                 "max_batch_size": int, "max_total_seq_len": int, "prefill_chunk_size": int,
                 "page_size": int, "support_sliding_window": int, **plain},
