@@ -33,17 +33,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_lm_eval(base_url: str, model: str, tokenizer_dir, out_dir) -> None:
-    """The command README documents, offline (no hub, no dataset download)."""
+def run_lm_eval(base_url: str, model: str, tokenizer_args: str, out_dir) -> str:
+    """The command README documents, offline (no hub, no dataset download); its log."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_CACHE": str(out_dir / "datasets")}
     cmd = [sys.executable, "-m", "lm_eval", "--model", "local-completions",
-           "--model_args", f"base_url={base_url}/completions,model={model},"
-                           f"tokenizer_backend=huggingface,tokenizer={tokenizer_dir}",
+           "--model_args", f"base_url={base_url}/completions,model={model}{tokenizer_args}",
            "--tasks", "mlc_mini_mc", "--include_path", "tests/data/lm_eval",
            "--output_path", str(out_dir), "--log_samples"]
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout + done.stderr
 
 
 def read_outputs(out_dir) -> tuple[dict, list[dict]]:
@@ -67,8 +67,11 @@ def reference_loglikelihood(hf, tok, context: str, continuation: str) -> tuple[f
             all(int(r.argmax()) == t for r, t in zip(rows, targets)))
 
 
+@pytest.mark.parametrize("tokenizer", ["server", "local"])
 def test_local_completions_loglikelihoods_equal_transformers(smollm2_q0f32, embedded_gguf,
-                                                             tmp_path):
+                                                             tmp_path, tokenizer):
+    """tokenizer "server": lm_eval finds the server's /tokenize routes by itself (no local
+    tokenizer); "local": it reads tokenizer.json from the model dir."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from mlc_llm.serve import EngineConfig, PopenServer
@@ -77,8 +80,11 @@ def test_local_completions_loglikelihoods_equal_transformers(smollm2_q0f32, embe
                          port=free_port(), enable_debug=False,
                          engine_config=EngineConfig(max_batch_size=2,
                                                     max_total_sequence_length=1024))
+    args = "" if tokenizer == "server" else \
+        f",tokenizer_backend=huggingface,tokenizer={smollm2_q0f32}"
     with server:
-        run_lm_eval(server.openai_v1_base_url, smollm2_q0f32.name, smollm2_q0f32, tmp_path)
+        log = run_lm_eval(server.openai_v1_base_url, smollm2_q0f32.name, args, tmp_path)
+    assert ("Using remote tokenizer" in log) == (tokenizer == "server"), log[-3000:]
     results, samples = read_outputs(tmp_path)
     docs = [json.loads(line) for line in
             (TASK_DIR / "mlc_mini_mc.jsonl").read_text().splitlines()]

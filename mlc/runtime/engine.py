@@ -10,6 +10,7 @@ The public interface (used by the server, `mlc chat`, the tests and deployments)
 under `chat.completions` / `completions` / `embeddings` (`mlc.runtime.embeddings`),
 `generate` (the engine's own per-step outputs),
 `abort`, `terminate`, `stats()`, `metrics()`, `is_alive()`, `event_trace()`, `model_id`,
+`encode()` / `decode()` / `encode_chat()`,
 `serves_model()`, `limits`, `memory_plan`, and on the async engine `serve_request` (the HTTP
 server's entry: stream chunks come as JSON text, without building response objects per
 token).
@@ -237,6 +238,17 @@ class _EngineBase:
     def metrics(self) -> MetricsSnapshot:
         """Request counters, token counters, latency histograms and gauges (`/metrics`)."""
         return self._core.metrics()
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """The token ids of `text` as a completion prompt is tokenized (with the model's BOS
+        when it adds one and `add_special_tokens`)."""
+        if add_special_tokens:
+            return self._encode(text)
+        return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
+
+    def decode(self, token_ids: list[int]) -> str:
+        """The text of `token_ids` (special tokens included)."""
+        return self.tokenizer.decode(list(token_ids), skip_special_tokens=False)
 
     def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
         """The prompt token ids of chat `messages` (the model's template, then its tokenizer)."""

@@ -3,15 +3,17 @@
     app = create_app(engine, api_key="sk-...")      # any ASGI server runs it (uvicorn)
 
 Routes: `POST /v1/chat/completions`, `POST /v1/completions` (JSON, or SSE with
-``stream: true``), `POST /v1/embeddings` (`mlc.runtime.embeddings`), `GET /v1/models`, `GET /v1/models/{id}`, `GET /health`, `GET /metrics`
-(Prometheus), `POST /v1/responses` (`mlc.serve.responses`), `POST /v1/messages` (Anthropic's,
-`mlc.serve.anthropic`), `POST /debug/dump_event_trace`
-(with `enable_debug`, `mlc.serve.debug`), and the schema at `/openapi.json`. The app uses only the engine's public
-interface (`serve_request`, `embeddings.create`, `abort`, `is_alive`, `metrics`, `model_id`, `serves_model`,
-`limits`). Request bodies are read as raw JSON and validated once, by the protocol's parse
-functions (which also drop unknown fields and give the request its id), so every problem is
-an OpenAI-shaped error, ``{"error": {"message", "type", "param", "code"}}``, never FastAPI's
-422:
+``stream: true``), `POST /v1/embeddings` (`mlc.runtime.embeddings`), `GET /v1/models`,
+`GET /v1/models/{id}`, `GET /health`, `GET /metrics` (Prometheus), `POST /v1/responses`
+(`mlc.serve.responses`), vLLM's `POST /tokenize`, `POST /detokenize` and
+`GET /tokenizer_info` (`mlc.serve.tokenize`), `POST /v1/messages` (Anthropic's,
+`mlc.serve.anthropic`), `POST /debug/dump_event_trace` (with `enable_debug`,
+`mlc.serve.debug`), and the schema at `/openapi.json`. The app uses only the engine's public
+interface (`serve_request`, `embeddings.create`, `encode`/`decode`/`encode_chat`, `abort`,
+`is_alive`, `metrics`, `model_id`, `serves_model`, `limits`). Request bodies are read as raw
+JSON and validated once, by the protocol's parse functions (which also drop unknown fields and
+give the request its id), so every problem is an OpenAI-shaped error,
+``{"error": {"message", "type", "param", "code"}}``, never FastAPI's 422:
 
     400 invalid request (including max_tokens beyond the context window)
     401 missing or wrong `Authorization: Bearer KEY` (when the app has an api_key)
@@ -53,7 +55,7 @@ from mlc.runtime.embeddings import (
     parse_embedding_request,
 )
 from mlc.runtime.grammar import response_format_from_extensions
-from mlc.serve import anthropic, debug, responses
+from mlc.serve import anthropic, debug, responses, tokenize
 from mlc.serve.metrics import metrics_registry, render
 
 logger = logging.getLogger(__name__)
@@ -248,6 +250,7 @@ def create_app(engine: Any, api_key: str | None = None, *,
 
     responses.register(app, state, auth, _read_json)
     anthropic.register(app, state, _read_json)
+    tokenize.register(app, state, auth, _read_json)
     if enable_debug:
         debug.register(app, state, auth, _read_json, NotFoundError)
     app.openapi = lambda: _openapi(app)
