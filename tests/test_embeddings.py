@@ -13,7 +13,7 @@ import numpy as np
 import openai
 import pytest
 import torch
-from helpers import build_lib, hf_greedy, make_tiny_llama, write_mlc_dir
+from helpers import build_lib, hf_greedy, make_tiny, make_tiny_llama, write_mlc_dir
 
 from mlc.errors import BadRequestError, ContextWindowExceededError, ModelLoadError
 from mlc.serve.app import create_app
@@ -103,6 +103,23 @@ def test_library_hidden_states_match_transformers(tiny):
     assert hidden.shape == (35, 64) and hidden.dtype == np.float32
     np.testing.assert_allclose(hidden[:29], hf_hidden(hf_model, a), atol=2e-5)
     np.testing.assert_allclose(hidden[29:], hf_hidden(hf_model, b), atol=2e-5)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "phi", "gemma3"])
+def test_every_architecture_returns_transformers_hidden_states(tmp_path, arch):
+    """The other architectures' libraries: every position's final hidden state (Gemma 3's
+    sliding layers of window 8 included: 30 tokens, in chunks of 16)."""
+    from mlc import MLCEngine
+
+    hf_model, hf_dir = make_tiny(tmp_path, arch)
+    mlc_dir = write_mlc_dir(hf_model, tmp_path / "mlc", "q0f32", hf_dir=hf_dir)
+    ids = random_ids(np.random.default_rng(13), 30)
+    with MLCEngine(str(mlc_dir), "cpu", model_lib=str(build_lib(mlc_dir)),
+                   max_total_sequence_length=256, prefill_chunk_size=CHUNK) as eng:
+        for pooling in ("last", "mean"):
+            r = eng.embeddings.create(input=[ids, ids[:5]], extra_body={"pooling": pooling})
+            for ours, tokens in zip(vectors(r), (ids, ids[:5])):
+                assert_close(ours, reference(hf_model, tokens, pooling), atol=2e-5)
 
 
 @pytest.mark.parametrize("pooling", ["last", "mean"])

@@ -39,6 +39,11 @@ class CausalLMBase(nn.Module):
     def logits(self, hidden: Tensor) -> Tensor:             # [..., h] -> [..., vocab] float32
         raise NotImplementedError
 
+    def final_norm(self, hidden: Tensor) -> Tensor:         # [..., h] -> [..., h]
+        """`body`'s output as the final (normed) hidden states that `logits` projects: the
+        identity where `body` ends with the final norm (Phi keeps it in its lm_head)."""
+        return hidden
+
     # -- derived ---------------------------------------------------------------------------
     def prefill(self, input_embeds: Tensor, paged_kv_cache):
         """One sequence's prompt chunk [1, s, h] -> logits of its last position [1, 1, v]."""
@@ -73,7 +78,7 @@ class CausalLMBase(nn.Module):
     def batch_prefill_hidden_states(self, input_embeds: Tensor, paged_kv_cache):
         """Ragged prompt chunks of several sequences [1, s, h] -> the final (normed) hidden
         state of every position [1, s, h] float32, for embeddings (no logits computed)."""
-        hidden = self.body(input_embeds, paged_kv_cache)
+        hidden = self.final_norm(self.body(input_embeds, paged_kv_cache))
         return op.astype(hidden, "float32"), paged_kv_cache
 
     # -- sampling helpers (no parameters) --------------------------------------------------
