@@ -270,6 +270,54 @@ def test_embeddings_alongside_generation(tiny, slow_decode):
                 assert_close(ours, reference(hf_model, ids, p))
 
 
+def test_a_failing_step_fails_only_its_request(tiny, engine, monkeypatch):
+    from mlc.errors import MLCError
+
+    hf_model, _, _ = tiny
+    real = engine.model.prefill_hidden_states
+    calls = []
+
+    def broken_once(*args):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("device fault")
+        return real(*args)
+
+    monkeypatch.setattr(engine.model, "prefill_hidden_states", broken_once)
+    with pytest.raises(MLCError, match="device fault"):
+        engine.embeddings.create(input=[5, 6, 7])
+    ids = random_ids(np.random.default_rng(14), 11)
+    assert_close(vectors(engine.embeddings.create(input=ids))[0],
+                 reference(hf_model, ids, "last"))
+    assert engine.completions.create(prompt=ids, max_tokens=2).usage.completion_tokens == 2
+
+
+def test_a_full_kv_cache_input_and_waiting_for_pages(tiny, slow_decode):
+    """A KV cache of 64 tokens (4 pages; the context window shrinks to it): an input of 64
+    tokens takes the whole cache; one that needs pages a running request holds waits for
+    them, then matches transformers."""
+    from mlc import MLCEngine
+
+    hf_model, _, _ = tiny
+    args = {**_engine_args(tiny), "max_total_sequence_length": 64, "max_batch_size": 2}
+    with MLCEngine(**args, prefix_cache_mode="disable") as eng:
+        assert eng.limits.context_window_size == 64
+        full = random_ids(np.random.default_rng(15), 64)
+        assert_close(vectors(eng.embeddings.create(input=full, extra_body={
+            "pooling": "mean"}))[0], reference(hf_model, full, "mean"))
+        assert eng.stats().kv_pages_total == 5          # (TVM adds a page of its own)
+        stream = eng.completions.create(prompt=full[:33], max_tokens=10, ignore_eos=True,
+                                        stream=True)
+        slow_decode(eng, 0.05)
+        next(iter(stream))                  # generating: it holds 3 pages
+        assert eng.stats().running_requests == 1
+        ids = full[16:64]
+        r = eng.embeddings.create(input=ids)   # needs 3 pages, 2 are free: waits for them
+        assert eng.stats().running_requests == 0       # so the generation ended first
+        assert "".join(c.choices[0].text for c in stream)
+        assert_close(vectors(r)[0], reference(hf_model, ids, "last"))
+
+
 def test_async_engine_and_cancellation(tiny):
     import asyncio
 

@@ -256,7 +256,15 @@ class EmbeddingQueue:
         self.items.clear()
 
     def step(self) -> None:
-        """Embed the next batch of inputs (nothing when their pages are not free yet)."""
+        """Embed the next batch of inputs (nothing when their pages are not free yet); a
+        failure fails the waiting embedding requests, never the engine loop."""
+        try:
+            self._step()
+        except Exception as e:  # noqa: BLE001 - e.g. the KV cache refused a sequence
+            logger.exception("embedding step failed")
+            self.fail_all(MLCError(f"Internal engine error while computing embeddings: {e!r}"))
+
+    def _step(self) -> None:
         while self.items and self.items[0].job.future.done():     # cancelled by the caller
             self.items.popleft()
         if not self.items:
@@ -299,10 +307,12 @@ class EmbeddingQueue:
 
     def _pages(self, batch: list[_Item]) -> int:
         page = self.runner.page_size
-        return sum(-(-len(item.tokens) // page) + 1 for item in batch)
+        return sum(-(-len(item.tokens) // page) for item in batch)
 
     def _refuse(self, item: _Item) -> None:
-        """An input the whole KV cache cannot hold: its request fails (400)."""
+        """An input the whole KV cache cannot hold: its request fails (400). (A guard: the
+        memory plan keeps the context window within the cache, and longer inputs are
+        refused before they are queued.)"""
         self.items.popleft()
         needed, total = self._pages([item]), self.runner.total_pages
         item.job.fail(BadRequestError(

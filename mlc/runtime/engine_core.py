@@ -126,6 +126,8 @@ class EngineCore:
             kind, payload = self._inbox.get_nowait()
             if kind == "embed":
                 payload.fail(EngineTerminatedError("The engine was terminated."))
+            elif kind == "add":
+                self._fail(payload, EngineTerminatedError("The engine was terminated."))
 
     def _drain_inbox(self, block: bool) -> None:
         try:
