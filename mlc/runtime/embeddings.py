@@ -232,7 +232,7 @@ class EmbeddingQueue:
     """Embedding inputs waiting for the engine loop, and the step that runs a batch of them.
 
     Used on the loop thread only. `runner` is the ModelRunner (`prefill_hidden_states`,
-    add/remove_sequence, free_pages, page_size); `scheduler` gives fresh sequence ids and
+    add/remove_sequence, page_size, total_pages); `scheduler` gives fresh sequence ids and
     frees pages by evicting cached prefixes (`new_seq_id`, `reserve_pages`, `has_work`).
     """
 
@@ -242,7 +242,6 @@ class EmbeddingQueue:
         self.max_batch_size, self.chunk = max_batch_size, prefill_chunk_size
         self.hidden_size = hidden_size
         self.items: collections.deque[_Item] = collections.deque()
-        self.tokens = 0             # embedded so far (engine stats)
 
     def add(self, job: EmbeddingJob) -> None:
         self.items.extend(_Item(job, i) for i in range(len(job.token_lists)))
@@ -289,7 +288,6 @@ class EmbeddingQueue:
             for item in batch:
                 item.job.fail(err)
             return
-        self.tokens += sum(len(item.tokens) for item in batch)
         for item, vector in zip(batch, vectors):
             item.job.deliver(item.index, vector)
 
