@@ -13,10 +13,10 @@ $(BIN)/activate:
 
 $(VENV)/.installed: $(BIN)/activate pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e ".[test,serve,ray]"
+	$(BIN)/pip install -q -e ".[test,serve,ray,eval]"
 	touch $@
 
-install: $(VENV)/.installed  ## create .venv and install mlc with test, serve and ray extras
+install: $(VENV)/.installed  ## create .venv and install mlc with test, serve, ray and eval extras
 
 demo: install  ## convert + compile the embedded SmolLM2 and chat with it
 	test -f $(DEMO)/mlc-chat-config.json || $(BIN)/mlc convert SmolLM2-135M-Instruct --quantization $(QUANT) -o $(DEMO)

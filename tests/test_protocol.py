@@ -155,6 +155,7 @@ def test_completion_request_prompt_forms():
     assert parse_completion_request(prompt="hi").prompt == "hi"
     assert parse_completion_request(prompt=["hi"]).prompt == "hi"
     assert parse_completion_request(prompt=[1, 2, 3]).prompt == [1, 2, 3]
+    assert parse_completion_request(prompt=[[1, 2, 3]]).prompt == [1, 2, 3]  # (lm_eval's)
     cfg = parse_completion_request(prompt="hi", logprobs=3, echo=True).to_generation_config()
     assert cfg.logprobs and cfg.top_logprobs == 3
     cfg = parse_completion_request(prompt="hi", logprobs=0).to_generation_config()
@@ -166,6 +167,9 @@ def test_completion_request_prompt_forms():
 @pytest.mark.parametrize("kwargs, param", [
     ({"prompt": ["a", "b"]}, "prompt"),
     ({"prompt": [[1, 2], [3]]}, "prompt"),
+    ({"prompt": [["a"]]}, "prompt"),
+    ({"prompt": [[]]}, "prompt"),
+    ({"prompt": [[1, "a"]]}, "prompt"),
     ({"prompt": []}, "prompt"),
     ({"prompt": ""}, "prompt"),
     ({"prompt": "x", "best_of": 3}, "best_of"),

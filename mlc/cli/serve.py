@@ -23,6 +23,8 @@ HELP = {
     "verbose": "Log the engine configuration and memory plan.",
     "enable_tracing": "Record per-request events (Chrome trace; POST /debug/dump_event_trace).",
     "enable_debug": "Serve the /debug routes (POST /debug/dump_event_trace).",
+    "embedding_pooling": "How /v1/embeddings pools the final hidden states: the last "
+                         "token's, or the mean over tokens (a request's 'pooling' overrides).",
     "ray": "Serve replicas on Ray Serve (pip install 'mlc[ray]'); every option above holds "
            "per replica.",
     "replicas": "With --ray: the number of replicas (the minimum with --max-replicas).",
@@ -67,6 +69,8 @@ HELP = {
 @click.option("--verbose", is_flag=True, help=HELP["verbose"])
 @click.option("--enable-tracing", is_flag=True, help=HELP["enable_tracing"])
 @click.option("--enable-debug", is_flag=True, help=HELP["enable_debug"])
+@click.option("--embedding-pooling", default="last", show_default=True,
+              type=click.Choice(["last", "mean"]), help=HELP["embedding_pooling"])
 @click.option("--ray", "use_ray", is_flag=True, help=HELP["ray"])
 @click.option("--replicas", type=click.IntRange(min=1), default=1, show_default=True,
               help=HELP["replicas"])
@@ -89,12 +93,14 @@ def serve(model: str, model_lib: str | None, device: str, mode: str, host: str, 
           api_key: str | None, max_batch_size: int | None, max_total_seq_length: int | None,
           prefill_chunk_size: int | None, max_waiting_requests: int | None,
           max_body_bytes: int | None, served_model_name: str | None, log_level: str,
-          verbose: bool, enable_tracing: bool, enable_debug: bool, use_ray: bool,
+          verbose: bool, enable_tracing: bool, enable_debug: bool, embedding_pooling: str,
+          use_ray: bool,
           replicas: int, max_replicas: int | None, replica_cpus: float | None,
           replica_gpus: float | None, ray_address: str | None, ray_temp_dir: str | None,
           speculative_mode: str, spec_draft_length: int | None,
           additional_models: tuple[str, ...], prefix_cache_mode: str) -> None:
-    """Serve MODEL over OpenAI's HTTP API (/v1/chat/completions, /v1/completions, /v1/models).
+    """Serve MODEL over OpenAI's HTTP API (/v1/chat/completions, /v1/completions,
+    /v1/embeddings, /v1/models).
 
     MODEL: an MLC model dir, HF://org/repo, or SmolLM2-135M-Instruct.
     """
@@ -105,7 +111,8 @@ def serve(model: str, model_lib: str | None, device: str, mode: str, host: str, 
                          served_model_name=served_model_name, enable_tracing=enable_tracing,
                          speculative_mode=speculative_mode, spec_draft_length=spec_draft_length,
                          additional_models=list(additional_models),
-                         prefix_cache_mode=prefix_cache_mode)
+                         prefix_cache_mode=prefix_cache_mode,
+                         embedding_pooling=embedding_pooling)
     limits = {k: v for k, v in (("max_waiting_requests", max_waiting_requests),
                                 ("max_body_bytes", max_body_bytes)) if v is not None}
     limits["enable_debug"] = enable_debug          # create_app's options, per replica too

@@ -39,6 +39,11 @@ class CausalLMBase(nn.Module):
     def logits(self, hidden: Tensor) -> Tensor:             # [..., h] -> [..., vocab] float32
         raise NotImplementedError
 
+    def final_norm(self, hidden: Tensor) -> Tensor:         # [..., h] -> [..., h]
+        """`body`'s output as the final (normed) hidden states that `logits` projects: the
+        identity where `body` ends with the final norm (Phi keeps it in its lm_head)."""
+        return hidden
+
     # -- derived ---------------------------------------------------------------------------
     def prefill(self, input_embeds: Tensor, paged_kv_cache):
         """One sequence's prompt chunk [1, s, h] -> logits of its last position [1, 1, v]."""
@@ -88,6 +93,12 @@ class CausalLMBase(nn.Module):
         """Logits of the rows `logit_positions` [b] of final hidden states [n, h] -> [b, v]
         (the target's LM head, also applied to an EAGLE head's outputs)."""
         return self.logits(op.take(hidden_states, logit_positions, axis=0))
+
+    def batch_prefill_hidden_states(self, input_embeds: Tensor, paged_kv_cache):
+        """Ragged prompt chunks of several sequences [1, s, h] -> the final (normed) hidden
+        state of every position [1, s, h] float32, for embeddings (no logits computed)."""
+        hidden = self.final_norm(self.body(input_embeds, paged_kv_cache))
+        return op.astype(hidden, "float32"), paged_kv_cache
 
     # -- sampling helpers (no parameters) --------------------------------------------------
     def softmax_with_temperature(self, logits: Tensor, temperature: Tensor):
@@ -143,6 +154,9 @@ class CausalLMBase(nn.Module):
             "batch_verify": {"input_embeds": nn.spec.Tensor([1, "seq_len", h], self.dtype),
                              "paged_kv_cache": kv, **packed},
             **self.hidden_state_spec(kv, packed),
+            "batch_prefill_hidden_states": {
+                "input_embeds": nn.spec.Tensor([1, "seq_len", h], self.dtype),
+                "paged_kv_cache": kv, **packed},
             "create_paged_kv_cache": {
                 "max_batch_size": int, "max_total_seq_len": int, "prefill_chunk_size": int,
                 "page_size": int, "support_sliding_window": int, **plain},

@@ -223,6 +223,9 @@ class ForCausalLM(CausalLMBase):
     def logits(self, hidden: Tensor) -> Tensor:
         return self.lm_head(hidden)
 
+    def final_norm(self, hidden: Tensor) -> Tensor:
+        return self.lm_head.ln(hidden)       # (MLC-LLM's layout: the norm sits in lm_head)
+
     def create_paged_kv_cache(self, max_batch_size, max_total_seq_len, prefill_chunk_size,
                               page_size, support_sliding_window):
         c = self.config

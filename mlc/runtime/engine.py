@@ -7,8 +7,10 @@ response objects. A request is validated once, by its protocol type
 on a `queue.Queue`, the async one on an asyncio queue fed thread-safely.
 
 The public interface (used by the server, `mlc chat`, the tests and deployments): `create`
-under `chat.completions` / `completions`, `generate` (the engine's own per-step outputs),
+under `chat.completions` / `completions` / `embeddings` (`mlc.runtime.embeddings`),
+`generate` (the engine's own per-step outputs),
 `abort`, `terminate`, `stats()`, `metrics()`, `is_alive()`, `event_trace()`, `model_id`,
+`encode()` / `decode()` / `encode_chat()`,
 `serves_model()`, `limits`, `memory_plan`, and on the async engine `serve_request` (the HTTP
 server's entry: stream chunks come as JSON text, without building response objects per
 token).
@@ -35,6 +37,7 @@ from mlc.errors import (
     EngineTerminatedError,
     ModelLoadError,
 )
+from mlc.runtime import embeddings as E
 from mlc.runtime import protocol as P
 from mlc.runtime.chat_template import render_chat
 from mlc.runtime.device import parse_runtime_device
@@ -140,8 +143,10 @@ class _EngineBase:
                  gpu_memory_utilization: float | None = None,
                  speculative_mode: str = "disable", spec_draft_length: int | None = None,
                  prefix_cache_mode: str | None = None, enable_tracing: bool = False, verbose: bool = False,
-                 served_model_name: str | None = None, sampling: str = "auto"):
+                 served_model_name: str | None = None, sampling: str = "auto",
+                 embedding_pooling: str = E.DEFAULT_POOLING):
         cfg = engine_config or EngineConfig()
+        self.embedding_pooling = E.check_pooling(embedding_pooling)
         pick = lambda given, from_cfg: given if given is not None else from_cfg
         self.model_arg = str(model)
         self.mode = cfg.mode or mode
@@ -294,6 +299,17 @@ class _EngineBase:
     def metrics(self) -> MetricsSnapshot:
         """Request counters, token counters, latency histograms and gauges (`/metrics`)."""
         return self._core.metrics()
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """The token ids of `text` as a completion prompt is tokenized (with the model's BOS
+        when it adds one and `add_special_tokens`)."""
+        if add_special_tokens:
+            return self._encode(text)
+        return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
+
+    def decode(self, token_ids: list[int]) -> str:
+        """The text of `token_ids` (special tokens included)."""
+        return self.tokenizer.decode(list(token_ids), skip_special_tokens=False)
 
     def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
         """The prompt token ids of chat `messages` (the model's template, then its tokenizer)."""
@@ -453,6 +469,20 @@ class _EngineBase:
                         lambda outs: self._completion_response(req, outs, rid, created,
                                                                prompt_text, ids),
                         lambda out: self._completion_chunks_json(req, out, state, render))
+
+    def _start_embeddings(self, request) -> tuple[E.EmbeddingRequest, E.EmbeddingJob]:
+        """Validate an embeddings request and queue its inputs on the engine loop."""
+        self._check_alive()
+        req = E.parse_embedding_request(request)
+        self._check_model_field(req.model)
+        self.model.check_hidden_states()
+        job = E.prepare_job(req, self._encode, self.model.vocab_size,
+                            self.limits.context_window_size, self.embedding_pooling)
+        self._core.submit_embedding(job)
+        return req, job
+
+    def _embeddings_response(self, req, job, vectors) -> E.CreateEmbeddingResponse:
+        return E.build_response(req, job, vectors, self.model_id)
 
     def _start_generate(self, request) -> _Pending:
         self._check_alive()
@@ -921,6 +951,7 @@ class MLCEngine(_EngineBase):
         super().__init__(model, device, **kwargs)
         self.chat = _Namespace(completions=_SyncCreate(self, self._start_chat))
         self.completions = _SyncCreate(self, self._start_completion)
+        self.embeddings = E.SyncEmbeddings(self._start_embeddings, self._embeddings_response)
         self._generate = _SyncCreate(self, self._start_generate)
 
     def generate(self, prompt: str | list[int], **kwargs: Any) -> Iterator[RequestOutput]:
@@ -1125,6 +1156,7 @@ class AsyncMLCEngine(_EngineBase):
         super().__init__(model, device, **kwargs)
         self.chat = _Namespace(completions=_AsyncCreate(self, self._start_chat))
         self.completions = _AsyncCreate(self, self._start_completion)
+        self.embeddings = E.AsyncEmbeddings(self._start_embeddings, self._embeddings_response)
         self._generate = _AsyncCreate(self, self._start_generate)
 
     async def generate(self, prompt: str | list[int], **kwargs: Any

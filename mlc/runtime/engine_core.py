@@ -3,8 +3,9 @@
     step() = schedule (Scheduler) -> run (a step action on the ModelRunner)
              -> postprocess (OutputProcessor, then finish and deliver)
 
-Other threads talk to the loop only through `submit`, `abort`, `shutdown` and the read-only
-`stats()` / `metrics()`. Every output of a step reaches its request's sink once per step.
+Other threads talk to the loop only through `submit`, `submit_embedding`, `abort`, `shutdown`
+and the read-only `stats()` / `metrics()`. Every output of a step reaches its request's sink
+once per step. Embedding work (`mlc.runtime.embeddings`) runs between steps, one batch each.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import time
 from typing import Any
 
 from mlc.errors import EngineTerminatedError, MLCError
+from mlc.runtime.embeddings import EmbeddingJob, EmbeddingQueue
 from mlc.runtime.metrics import EngineStats, MetricsSnapshot, RequestMetrics
 from mlc.runtime.model_runner import ModelRunner
 from mlc.runtime.output_processor import OutputProcessor
@@ -46,6 +48,8 @@ class EngineCore:
         self.actions = make_actions(runner, self.scheduler, self.counters, self.tracer,
                                     features=getattr(drafter, "features", None))
         self.outputs = OutputProcessor(sampler, limits, self.tracer)
+        self.embeddings = EmbeddingQueue(runner, self.scheduler, limits.max_batch_size,
+                                         limits.prefill_chunk_size, runner.hidden_size)
         self.request_metrics = RequestMetrics()
         # On an asynchronous device, a step's outputs are handed on once the next step was
         # launched: the consumers (an event loop: SSE, JSON) then share the GIL with the
@@ -64,6 +68,12 @@ class EngineCore:
         if self._stop.is_set():
             raise EngineTerminatedError("The engine has been terminated; create a new one.")
         self._inbox.put(("add", request))
+
+    def submit_embedding(self, job: EmbeddingJob) -> None:
+        """Queue embedding work; its results (or error) arrive on `job.future`."""
+        if self._stop.is_set():
+            raise EngineTerminatedError("The engine has been terminated; create a new one.")
+        self._inbox.put(("embed", job))
 
     def abort(self, request_id: str) -> None:
         if not self._stop.is_set():
@@ -106,9 +116,11 @@ class EngineCore:
     # -- the loop --------------------------------------------------------------------------
     def _loop(self) -> None:
         while not self._stop.is_set():
-            self._drain_inbox(block=not self.scheduler.has_work())
+            self._drain_inbox(block=not (self.scheduler.has_work()
+                                         or self.embeddings.has_work()))
             if self._stop.is_set():
                 break
+            self.embeddings.step()      # fails only its own inputs' requests
             try:
                 self.step()
             except Exception as e:  # noqa: BLE001 - one failing step must not kill the engine
@@ -117,6 +129,13 @@ class EngineCore:
                     self._fail(req, e)
         for req in list(self.scheduler.running) + list(self.scheduler.waiting):
             self._fail(req, EngineTerminatedError("The engine was terminated."))
+        self.embeddings.fail_all(EngineTerminatedError("The engine was terminated."))
+        while not self._inbox.empty():      # submitted after the loop's last look
+            kind, payload = self._inbox.get_nowait()
+            if kind == "embed":
+                payload.fail(EngineTerminatedError("The engine was terminated."))
+            elif kind == "add":
+                self._fail(payload, EngineTerminatedError("The engine was terminated."))
 
     def _drain_inbox(self, block: bool) -> None:
         if block:
@@ -129,6 +148,8 @@ class EngineCore:
             kind, payload = item
             if kind == "add":
                 self.scheduler.add(payload)
+            elif kind == "embed":
+                self.embeddings.add(payload)
             elif kind == "abort":
                 req = self.scheduler.abort(payload)
                 if req is not None:

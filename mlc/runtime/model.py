@@ -32,6 +32,8 @@ REQUIRED_FUNCTIONS = ("embed", "prefill", "decode", "batch_prefill", "batch_deco
 HIDDEN_STATE_FUNCTIONS = ("batch_prefill_to_last_hidden_states",
                           "batch_decode_to_last_hidden_states",
                           "batch_verify_to_last_hidden_states", "get_logits")
+# Every position's final (normed) hidden state, for embeddings (libraries before lib-4 lack it).
+EMBEDDING_HIDDEN_FUNCTION = "batch_prefill_hidden_states"
 
 SAMPLING_FUNCTIONS = ("softmax_with_temperature", "sample_with_top_p_top_k", "argmax",
                       "apply_logit_bias")
@@ -178,6 +180,8 @@ class LoadedModel:
         self._total_len = g("vm.builtin.attention_kv_cache_get_total_sequence_length")
         self.page_size = int(self.metadata["kv_cache"]["page_size"])
         self.sampling = {f: self.vm[f] for f in SAMPLING_FUNCTIONS if self._has(f)}
+        if self._has(EMBEDDING_HIDDEN_FUNCTION):
+            self._fn[EMBEDDING_HIDDEN_FUNCTION] = self.vm[EMBEDDING_HIDDEN_FUNCTION]
         self.kv_cache = None
         self.kv_config: KVCacheConfig | None = None
         self.total_pages = 0
@@ -363,6 +367,32 @@ class LoadedModel:
             hidden = self.upload(hidden)
         pos = self.upload(np.asarray(positions, dtype="int32"))
         return self._fn["get_logits"](hidden, pos, self.params)
+
+    @property
+    def has_hidden_states(self) -> bool:
+        """Whether the library returns hidden states (`prefill_hidden_states` works)."""
+        return EMBEDDING_HIDDEN_FUNCTION in self._fn
+
+    def check_hidden_states(self) -> None:
+        """Raise a clear error when the library predates `batch_prefill_hidden_states`."""
+        if not self.has_hidden_states:
+            raise ModelLoadError(
+                f"The model library {self.lib_path} has no {EMBEDDING_HIDDEN_FUNCTION} function "
+                "(it was built by an older mlc), so it cannot compute embeddings. Rebuild it "
+                f"with `mlc compile {self.model_dir} --device {self.device_kind} -o "
+                f"{self.lib_path}`, or omit model_lib to compile one on demand.",
+                param="model_lib")
+
+    def prefill_hidden_states(self, seq_ids: list[int], token_lists: list[list[int]]
+                              ) -> np.ndarray:
+        """Append prompt chunks to sequences; the final (normed) hidden state of every
+        position of every chunk, concatenated, on the host: [sum of lengths, hidden] float32."""
+        self.check_hidden_states()
+        lengths = [len(t) for t in token_lists]
+        flat = np.concatenate([np.asarray(t, dtype="int32") for t in token_lists])
+        embeds = self._embed(flat, (1, len(flat), self.hidden_size))
+        hidden = self._forward(EMBEDDING_HIDDEN_FUNCTION, seq_ids, lengths, embeds)
+        return hidden.numpy().reshape(len(flat), self.hidden_size)
 
     def prefill(self, seq_ids: list[int], token_lists: list[list[int]]) -> np.ndarray:
         """`prefill_logits`, copied to the host [b, v]."""

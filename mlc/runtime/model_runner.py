@@ -27,6 +27,7 @@ class ModelRunner(KVCacheManager, Protocol):
     """Forward calls return logits on the device ([rows, vocab], with `.numpy()`)."""
 
     vocab_size: int
+    hidden_size: int
     device_kind: str
     sampling: dict[str, Any]   # the library's sampling functions by name (may be empty)
 
@@ -36,6 +37,9 @@ class ModelRunner(KVCacheManager, Protocol):
     def decode_logits(self, seq_ids: list[int], tokens: list[int]) -> Any: ...
     def verify_logits(self, seq_ids: list[int], token_lists: list[list[int]]) -> Any: ...
     def popn(self, seq_id: int, n: int) -> None: ...
+    # embeddings: every position's final hidden state, on the host [sum of lengths, hidden]
+    def prefill_hidden_states(self, seq_ids: list[int], token_lists: list[list[int]]) -> Any: ...
+    def check_hidden_states(self) -> None: ...
 
     # EAGLE drafting (after `enable_hidden_states()`): the final hidden states of the last
     # forward's tokens on the host, and the LM head on given hidden states

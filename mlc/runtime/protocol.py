@@ -476,7 +476,7 @@ class ChatCompletionRequest(_SamplingRequest):
 class CompletionRequest(_SamplingRequest):
     """POST /v1/completions (OpenAI legacy) plus mlc's extensions.
 
-    `prompt` is a string, a list of token ids, or a list holding one string.
+    `prompt` is a string, a list of token ids, or a list holding one of these.
     """
 
     model: str | None = None
@@ -520,10 +520,14 @@ class CompletionRequest(_SamplingRequest):
             if min(value) < 0:
                 raise _FieldError("token ids must be >= 0.")
             return value
-        if all(isinstance(t, str) for t in value):
+        if all(isinstance(t, (str, list)) for t in value):
+            # a batch of one prompt (lm-evaluation-harness sends [[ids]] with batch_size=1)
             if len(value) != 1:
-                raise _FieldError(f"batched prompts ({len(value)} strings) are not supported; "
-                                  "send one request per prompt.")
+                raise _FieldError(f"batched prompts ({len(value)} prompts) are not "
+                                  "supported; send one request per prompt.")
+            if isinstance(value[0], list) and not all(isinstance(t, int) for t in value[0]):
+                raise _FieldError("a prompt in a list must be a string or a list of token "
+                                  "ids.")
             return cls._check_prompt(value[0])
         raise _FieldError("batched prompts are not supported; send a string or one list "
                           "of token ids per request.")

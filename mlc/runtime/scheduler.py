@@ -166,6 +166,19 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def new_seq_id(self) -> int:
+        """A KV-cache sequence id no other sequence uses (for work outside the scheduler's
+        requests, such as embeddings, that adds and removes its own sequences)."""
+        return next(self._seq_ids)
+
+    def reserve_pages(self, pages: int) -> bool:
+        """Whether `pages` KV pages are free now, after evicting cached prefixes (least
+        recently used first) to free them; running requests keep theirs."""
+        while self.kv.free_pages() < pages and self.prefix is not None \
+                and self.prefix.evict_lru():
+            self.counters.prefix_evictions += 1
+        return self.kv.free_pages() >= pages
+
     def pages_for(self, tokens: int) -> int:
         """KV pages that hold `tokens` tokens."""
         return -(-tokens // self.kv.page_size)

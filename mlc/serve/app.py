@@ -3,15 +3,17 @@
     app = create_app(engine, api_key="sk-...")      # any ASGI server runs it (uvicorn)
 
 Routes: `POST /v1/chat/completions`, `POST /v1/completions` (JSON, or SSE with
-``stream: true``), `GET /v1/models`, `GET /v1/models/{id}`, `GET /health`, `GET /metrics`
-(Prometheus), `POST /v1/responses` (`mlc.serve.responses`), `POST /v1/messages` (Anthropic's,
-`mlc.serve.anthropic`), `POST /debug/dump_event_trace`
-(with `enable_debug`, `mlc.serve.debug`), and the schema at `/openapi.json`. The app uses only the engine's public
-interface (`serve_request`, `abort`, `is_alive`, `metrics`, `model_id`, `serves_model`,
-`limits`). Request bodies are read as raw JSON and validated once, by the protocol's parse
-functions (which also drop unknown fields and give the request its id), so every problem is
-an OpenAI-shaped error, ``{"error": {"message", "type", "param", "code"}}``, never FastAPI's
-422:
+``stream: true``), `POST /v1/embeddings` (`mlc.runtime.embeddings`), `GET /v1/models`,
+`GET /v1/models/{id}`, `GET /health`, `GET /metrics` (Prometheus), `POST /v1/responses`
+(`mlc.serve.responses`), vLLM's `POST /tokenize`, `POST /detokenize` and
+`GET /tokenizer_info` (`mlc.serve.tokenize`), `POST /v1/messages` (Anthropic's,
+`mlc.serve.anthropic`), `POST /debug/dump_event_trace` (with `enable_debug`,
+`mlc.serve.debug`), and the schema at `/openapi.json`. The app uses only the engine's public
+interface (`serve_request`, `embeddings.create`, `encode`/`decode`/`encode_chat`, `abort`,
+`is_alive`, `metrics`, `model_id`, `serves_model`, `limits`). Request bodies are read as raw
+JSON and validated once, by the protocol's parse functions (which also drop unknown fields and
+give the request its id), so every problem is an OpenAI-shaped error,
+``{"error": {"message", "type", "param", "code"}}``, never FastAPI's 422:
 
     400 invalid request (including max_tokens beyond the context window)
     401 missing or wrong `Authorization: Bearer KEY` (when the app has an api_key)
@@ -47,8 +49,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mlc.errors import BadRequestError, MLCError, ServerOverloadedError
 from mlc.runtime import protocol as P
+from mlc.runtime.embeddings import (
+    CreateEmbeddingResponse,
+    EmbeddingRequest,
+    parse_embedding_request,
+)
 from mlc.runtime.grammar import response_format_from_extensions
-from mlc.serve import anthropic, debug, responses
+from mlc.serve import anthropic, debug, responses, tokenize
 from mlc.serve.metrics import metrics_registry, render
 
 logger = logging.getLogger(__name__)
@@ -203,6 +210,13 @@ def create_app(engine: Any, api_key: str | None = None, *,
         """Create a text completion (SSE stream with `stream: true`)."""
         return await _serve_request(state, request, chat=False)
 
+    @app.post("/v1/embeddings", dependencies=auth, tags=["OpenAI"],
+              openapi_extra=_request_body_doc(EmbeddingRequest),
+              responses={200: {"model": CreateEmbeddingResponse}, **err_docs})
+    async def embeddings(request: Request):
+        """Create embeddings: each input's final hidden states, pooled and L2-normalised."""
+        return await _serve_embeddings(state, request)
+
     @app.get("/v1/models", dependencies=auth, tags=["OpenAI"])
     async def list_models() -> dict:
         """The served model, in OpenAI's list shape."""
@@ -236,6 +250,7 @@ def create_app(engine: Any, api_key: str | None = None, *,
 
     responses.register(app, state, auth, _read_json)
     anthropic.register(app, state, _read_json)
+    tokenize.register(app, state, auth, _read_json)
     if enable_debug:
         debug.register(app, state, auth, _read_json, NotFoundError)
     app.openapi = lambda: _openapi(app)
@@ -291,6 +306,29 @@ async def _serve_request(state: _ServerState, request: Request, chat: bool):
         state.engine.abort(rid)
 
     return _SSEResponse(_sse_events(result), on_close, headers)
+
+
+async def _serve_embeddings(state: _ServerState, request: Request) -> Response:
+    data = await _read_json(request, state.limits.max_body_bytes)
+    if data.get("request_id") is None and request.headers.get("x-request-id"):
+        data["request_id"] = request.headers["x-request-id"]
+    parsed = parse_embedding_request(data)
+    rid = parsed.request_id
+    state.open_request()
+    try:
+        result = await _unless_disconnected(request, state.engine.embeddings.create(parsed),
+                                            state.engine, rid)
+    except ClientDisconnected:
+        return JSONResponse({}, status_code=499)   # nobody reads it
+    except MLCError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any other failure is a 500 without a traceback
+        logger.exception("embeddings request failed")
+        return error_response(_internal_error(e))
+    finally:
+        state.close_request()
+    return Response(result.model_dump_json(), media_type="application/json",
+                    headers={"x-request-id": rid})
 
 
 async def _read_json(request: Request, limit: int) -> dict[str, Any]:
@@ -404,7 +442,7 @@ def _openapi(app: FastAPI) -> dict:
     schema = get_openapi(title=app.title, version=app.version, summary=app.summary,
                          routes=app.routes)
     components = schema.setdefault("components", {}).setdefault("schemas", {})
-    for model in (P.ChatCompletionRequest, P.CompletionRequest):
+    for model in (P.ChatCompletionRequest, P.CompletionRequest, EmbeddingRequest):
         model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
         components.update(model_schema.pop("$defs", {}))
         components[model.__name__] = model_schema

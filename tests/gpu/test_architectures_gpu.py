@@ -110,3 +110,35 @@ def test_ragged_batch_and_batch_decode(case):
     for i, p in enumerate(prompts):
         rel = _rel(batched[i], _hf_logits(hf, p + tokens[i])[len(p) - 1:])
         assert rel < TOLERANCE, f"{name} {quant}, sequence {i}: {rel}"
+
+
+def test_hidden_states_for_embeddings(case):
+    """`batch_prefill_hidden_states` (embeddings) on CUDA: two sequences, the longer one in
+    chunks, against transformers' last hidden states; pooled vectors nearly parallel."""
+    name, quant, model, hf, _ = case
+    if not model.has_hidden_states:
+        pytest.skip("the assets' libraries predate batch_prefill_hidden_states (lib-4): "
+                    "rebuild them with tests/gpu/arch_assets.py")
+    import torch
+
+    chunk = model.metadata["prefill_chunk_size"]
+    a, b = _prompt(chunk + 37, 4), _prompt(max(1, chunk // 3), 5)
+    head = chunk - len(b)                       # a's first piece shares a call with b
+    model.add_sequence(0)
+    model.add_sequence(1)
+    first = model.prefill_hidden_states([0, 1], [a[:head], b])
+    rest = [model.prefill_hidden_states([0], [a[i:i + chunk]])
+            for i in range(head, len(a), chunk)]
+    model.remove_sequence(0)
+    model.remove_sequence(1)
+    ours = {"a": np.concatenate([first[:head], *rest]), "b": first[head:]}
+    for key, ids in (("a", a), ("b", b)):
+        with torch.no_grad():
+            ref = hf(torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0]
+        ref = ref.numpy()
+        assert np.isfinite(ours[key]).all()
+        rel = _rel(ours[key], ref)
+        assert rel < TOLERANCE, f"{name} {quant}, sequence {key}: {rel}"
+        for pooled, want in ((ours[key][-1], ref[-1]), (ours[key].mean(0), ref.mean(0))):
+            cos = float(pooled @ want / np.linalg.norm(pooled) / np.linalg.norm(want))
+            assert cos > 0.999, f"{name} {quant}, sequence {key}: cosine {cos}"
