@@ -353,6 +353,14 @@ def load_model(mlc_dir: str | Path, lib: str | Path, max_batch_size: int = 4,
     return model
 
 
+def tiny_llama_library(tmp_path: str | Path, quantization: str = "q0f32", **overrides):
+    """The tiny random Llama most engine tests run on: (hf_model, mlc_dir, its CPU library)."""
+    tmp_path = Path(tmp_path)
+    hf_model, hf_dir = make_tiny_llama(tmp_path, **overrides)
+    mlc_dir = write_mlc_dir(hf_model, tmp_path / "mlc", quantization, hf_dir=hf_dir)
+    return hf_model, mlc_dir, build_lib(mlc_dir)
+
+
 def max_rel_diff(ours: np.ndarray, ref: np.ndarray) -> float:
     """max |ours - ref| divided by the range of ref (the tolerance unit of these tests)."""
     ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)

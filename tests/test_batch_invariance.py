@@ -12,7 +12,7 @@ import asyncio
 
 import numpy as np
 import pytest
-from helpers import build_lib, make_tiny_llama, write_mlc_dir
+from helpers import tiny_llama_library
 
 from mlc.runtime.engine import AsyncMLCEngine
 from mlc.runtime.model import KVCacheConfig, LoadedModel
@@ -23,9 +23,8 @@ PROMPTS = ["Count to five.", "Name a color.", "Write a haiku about rain.", "What
 @pytest.fixture(scope="module")
 def tiny_q4(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("invariant")
-    hf_model, hf_dir = make_tiny_llama(tmp)
-    mlc_dir = write_mlc_dir(hf_model, tmp / "mlc", "q4f32_1", hf_dir=hf_dir)
-    return mlc_dir, build_lib(mlc_dir)
+    _, mlc_dir, lib = tiny_llama_library(tmp, "q4f32_1")
+    return mlc_dir, lib
 
 
 def logits_alone_and_batched(model: LoadedModel, rng) -> tuple[list, list]:

@@ -4,7 +4,7 @@ import json
 
 import pytest
 from click.testing import CliRunner
-from helpers import build_lib, make_tiny_llama, write_mlc_dir
+from helpers import tiny_llama_library
 
 from mlc.benchmark.model_bench import bench_model, load_and_warm_up
 from mlc.cli.main import cli
@@ -13,9 +13,8 @@ from mlc.cli.main import cli
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bench")
-    hf_model, hf_dir = make_tiny_llama(tmp)
-    mlc_dir = write_mlc_dir(hf_model, tmp / "mlc", "q4f32_1", hf_dir=hf_dir)
-    return mlc_dir, build_lib(mlc_dir)
+    _, mlc_dir, lib = tiny_llama_library(tmp, "q4f32_1")
+    return mlc_dir, lib
 
 
 def test_bench_reports_load_time_and_decode_context(tiny, tmp_path):

@@ -11,7 +11,7 @@ import numpy as np
 import openai
 import pytest
 import torch
-from helpers import build_lib, hf_logits, make_tiny_llama, write_mlc_dir
+from helpers import hf_logits, tiny_llama_library
 
 from mlc.errors import BadRequestError
 from mlc.serve.app import create_app
@@ -23,9 +23,7 @@ PROMPT = "The quick brown fox jumps over the lazy dog"
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("echo-tiny")
-    hf_model, hf_dir = make_tiny_llama(tmp)
-    mlc_dir = write_mlc_dir(hf_model, tmp / "mlc", "q0f32", hf_dir=hf_dir)
-    return hf_model, mlc_dir, build_lib(mlc_dir)
+    return tiny_llama_library(tmp)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import asyncio
 
 import pytest
 import sampling_checks as checks
-from helpers import build_lib, load_model, make_tiny_llama, write_mlc_dir
+from helpers import load_model, tiny_llama_library
 
 from mlc.errors import ModelLoadError
 from mlc.runtime.engine import AsyncMLCEngine
@@ -19,9 +19,8 @@ PROMPTS = ["The quick brown fox", "A paged KV cache", "Numbers: 0 1 2 3", "def a
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tiny-sampling")
-    hf_model, hf_dir = make_tiny_llama(tmp)
-    mlc_dir = write_mlc_dir(hf_model, tmp / "mlc", "q0f32", hf_dir=hf_dir)
-    return mlc_dir, build_lib(mlc_dir)
+    _, mlc_dir, lib = tiny_llama_library(tmp)
+    return mlc_dir, lib
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import numpy as np
 import openai
 import pytest
 import torch
-from helpers import build_lib, hf_greedy, make_tiny, make_tiny_llama, write_mlc_dir
+from helpers import build_lib, hf_greedy, make_tiny, tiny_llama_library, write_mlc_dir
 
 from mlc.errors import BadRequestError, ContextWindowExceededError, ModelLoadError
 from mlc.serve.app import create_app
@@ -26,9 +26,7 @@ CONTEXT = 256       # the tiny model's context window
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("embed-tiny")
-    hf_model, hf_dir = make_tiny_llama(tmp)
-    mlc_dir = write_mlc_dir(hf_model, tmp / "mlc", "q0f32", hf_dir=hf_dir)
-    return hf_model, mlc_dir, build_lib(mlc_dir)
+    return tiny_llama_library(tmp)
 
 
 def _engine_args(tiny):

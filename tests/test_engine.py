@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 import pytest
-from helpers import build_lib, hf_logits, make_tiny_llama, write_mlc_dir
+from helpers import hf_logits, tiny_llama_library
 
 from mlc.errors import (
     BadRequestError,
@@ -40,9 +40,7 @@ EOS_ID = 2   # <|im_end|> of the tiny tokenizer
 def tiny(tmp_path_factory):
     """(hf_model, mlc_dir, lib) of the tiny random Llama, float32 weights."""
     tmp = tmp_path_factory.mktemp("tiny-engine")
-    hf_model, hf_dir = make_tiny_llama(tmp)
-    mlc_dir = write_mlc_dir(hf_model, tmp / "mlc", "q0f32", hf_dir=hf_dir)
-    return hf_model, mlc_dir, build_lib(mlc_dir)
+    return tiny_llama_library(tmp)
 
 
 def make_engine(tiny, **kwargs) -> MLCEngine:

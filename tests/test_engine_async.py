@@ -6,7 +6,7 @@ import asyncio
 import time
 
 import pytest
-from helpers import build_lib, make_tiny_llama, write_mlc_dir
+from helpers import tiny_llama_library
 
 from mlc.errors import BadRequestError, EngineTerminatedError
 from mlc.runtime.engine import AsyncMLCEngine
@@ -18,9 +18,8 @@ PROMPTS = ["The quick brown fox", "A paged KV cache", "Numbers: 0 1 2 3", "def a
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tiny-async")
-    hf_model, hf_dir = make_tiny_llama(tmp)
-    mlc_dir = write_mlc_dir(hf_model, tmp / "mlc", "q0f32", hf_dir=hf_dir)
-    return mlc_dir, build_lib(mlc_dir)
+    _, mlc_dir, lib = tiny_llama_library(tmp)
+    return mlc_dir, lib
 
 
 def make_engine(tiny, **kwargs) -> AsyncMLCEngine:

@@ -8,7 +8,7 @@ The tiny random Llama of test_engine.py (float32, CPU) runs two engines: the def
 from __future__ import annotations
 
 import pytest
-from helpers import build_lib, make_tiny_llama, write_mlc_dir
+from helpers import tiny_llama_library
 from test_engine import LONG_PROMPT, OTHER_PROMPTS, assert_idle_and_freed, stream_text
 
 from mlc.errors import ModelLoadError
@@ -20,9 +20,7 @@ SYSTEM = LONG_PROMPT[:150]     # a shared system prompt (~75 tokens)
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tiny-prefix")
-    hf_model, hf_dir = make_tiny_llama(tmp)
-    mlc_dir = write_mlc_dir(hf_model, tmp / "mlc", "q0f32", hf_dir=hf_dir)
-    return hf_model, mlc_dir, build_lib(mlc_dir)
+    return tiny_llama_library(tmp)
 
 
 def make_engine(tiny, **kwargs) -> MLCEngine:

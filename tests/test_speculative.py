@@ -12,7 +12,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import build_lib, make_tiny_llama, write_mlc_dir, write_tiny_tokenizer
+from helpers import (
+    build_lib,
+    make_tiny_llama,
+    tiny_llama_library,
+    write_mlc_dir,
+    write_tiny_tokenizer,
+)
 from test_engine import LONG_PROMPT, OTHER_PROMPTS, assert_idle_and_freed
 
 from mlc.errors import ModelLoadError
@@ -77,9 +83,7 @@ def test_verify_acceptance_keeps_the_targets_distribution(tmp_path):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tiny-spec")
-    hf_model, hf_dir = make_tiny_llama(tmp)
-    mlc_dir = write_mlc_dir(hf_model, tmp / "mlc", "q0f32", hf_dir=hf_dir)
-    return hf_model, mlc_dir, build_lib(mlc_dir)
+    return tiny_llama_library(tmp)
 
 
 def make_engine(tiny, **kwargs) -> MLCEngine:
