@@ -20,7 +20,20 @@ from tvm.relax.frontend.nn.llm.kv_cache import RopeMode, TIRPagedKVCache
 PAGE_SIZE = 16  # the only page size TVM 0.27's paged KV cache runs with
 
 
-class CausalLMBase(nn.Module):
+class PagedKVCacheOwner(nn.Module):
+    """A module whose library creates its paged KV cache: the architecture says only its
+    layout (`kv_cache_layout`: the keyword arguments of `create_kv_cache`)."""
+
+    def kv_cache_layout(self) -> dict:
+        raise NotImplementedError
+
+    def create_paged_kv_cache(self, max_batch_size, max_total_seq_len, prefill_chunk_size,
+                              page_size, support_sliding_window):
+        return create_kv_cache(self, max_batch_size, max_total_seq_len, prefill_chunk_size,
+                               page_size, support_sliding_window, **self.kv_cache_layout())
+
+
+class CausalLMBase(PagedKVCacheOwner):
     """The library contract: embed, prefill, decode, batch_prefill/decode/verify, sampling."""
 
     def __init__(self, config, quantization):
@@ -236,8 +249,9 @@ def cache_attention_kinds(kinds: list[str]) -> list[str]:
     return list(kinds) + (["mha"] if kinds and all(k == "mha_sliding" for k in kinds) else [])
 
 
-def create_kv_cache(model: CausalLMBase, max_batch_size, max_total_seq_len, prefill_chunk_size,
-                    page_size, support_sliding_window, *, num_q_heads, num_kv_heads, head_dim,
+def create_kv_cache(model: PagedKVCacheOwner, max_batch_size, max_total_seq_len,
+                    prefill_chunk_size, page_size, support_sliding_window, *, num_q_heads,
+                    num_kv_heads, head_dim,
                     attention_kinds: list[str], sliding_window: int = -1,
                     rope_mode: RopeMode = RopeMode.NORMAL, rope_theta: float = 10000.0,
                     rope_scaling: dict | None = None, rotary_dim: int | None = None):

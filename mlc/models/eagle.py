@@ -85,7 +85,7 @@ from tvm.relax.frontend import nn  # noqa: E402
 from tvm.relax.frontend.nn import Tensor, op  # noqa: E402
 from tvm.relax.frontend.nn.llm import kv_cache as kv_mod  # noqa: E402
 
-from mlc.models.common import create_kv_cache  # noqa: E402
+from mlc.models.common import PagedKVCacheOwner  # noqa: E402
 from mlc.models.layers import make_embedding, make_linear  # noqa: E402
 
 
@@ -110,7 +110,7 @@ class HeadLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class EagleHead(nn.Module):
+class EagleHead(PagedKVCacheOwner):
     """The head's library: embed, the two drafting forwards, its KV cache."""
 
     def __init__(self, config: Config, quantization):
@@ -150,15 +150,14 @@ class EagleHead(nn.Module):
         """One draft step for b sequences: [b, 1, h] + [b, 1, h] -> [b, 1, h]."""
         return self._forward(input_embeds, hidden_states, paged_kv_cache), paged_kv_cache
 
-    def create_paged_kv_cache(self, max_batch_size, max_total_seq_len, prefill_chunk_size,
-                              page_size, support_sliding_window):
+    def kv_cache_layout(self) -> dict:
         c = self.config
-        return create_kv_cache(
-            self, max_batch_size, max_total_seq_len, prefill_chunk_size, page_size,
-            support_sliding_window, num_q_heads=c.num_attention_heads,
-            num_kv_heads=c.num_key_value_heads, head_dim=c.head_dim,
-            attention_kinds=["mha"] * c.num_hidden_layers, rope_theta=c.rope_theta,
-            rope_scaling=c.rope_scaling)
+        return dict(num_q_heads=c.num_attention_heads,
+                    num_kv_heads=c.num_key_value_heads,
+                    head_dim=c.head_dim,
+                    attention_kinds=["mha"] * c.num_hidden_layers,
+                    rope_theta=c.rope_theta,
+                    rope_scaling=c.rope_scaling)
 
     def get_default_spec(self, target_kind: str):
         """The head library's functions (see `mlc.runtime.model.LoadedHead`)."""

@@ -124,7 +124,7 @@ def param_mapping(config: Config) -> list[ParamMap]:
 from tvm.relax.frontend import nn  # noqa: E402
 from tvm.relax.frontend.nn import Tensor, op  # noqa: E402
 
-from mlc.models.common import CausalLMBase, create_kv_cache  # noqa: E402
+from mlc.models.common import CausalLMBase  # noqa: E402
 from mlc.models.layers import make_embedding, make_linear  # noqa: E402
 
 
@@ -226,12 +226,11 @@ class ForCausalLM(CausalLMBase):
     def final_norm(self, hidden: Tensor) -> Tensor:
         return self.lm_head.ln(hidden)       # (MLC-LLM's layout: the norm sits in lm_head)
 
-    def create_paged_kv_cache(self, max_batch_size, max_total_seq_len, prefill_chunk_size,
-                              page_size, support_sliding_window):
+    def kv_cache_layout(self) -> dict:
         c = self.config
-        return create_kv_cache(
-            self, max_batch_size, max_total_seq_len, prefill_chunk_size, page_size,
-            support_sliding_window, num_q_heads=c.num_attention_heads,
-            num_kv_heads=c.num_key_value_heads, head_dim=c.head_dim,
-            attention_kinds=c.attention_kinds(), rope_theta=c.rope_theta,
-            rotary_dim=c.rotary_dim)
+        return dict(num_q_heads=c.num_attention_heads,
+                    num_kv_heads=c.num_key_value_heads,
+                    head_dim=c.head_dim,
+                    attention_kinds=c.attention_kinds(),
+                    rope_theta=c.rope_theta,
+                    rotary_dim=c.rotary_dim)

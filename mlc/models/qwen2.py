@@ -145,7 +145,7 @@ def gguf_names(config: Config) -> dict[str, str]:
 from tvm.relax.frontend import nn  # noqa: E402
 from tvm.relax.frontend.nn import Tensor, op  # noqa: E402
 
-from mlc.models.common import CausalLMBase, create_kv_cache  # noqa: E402
+from mlc.models.common import CausalLMBase  # noqa: E402
 from mlc.models.layers import make_embedding, make_linear  # noqa: E402
 
 
@@ -239,12 +239,12 @@ class ForCausalLM(CausalLMBase):
             return self.model.embed_tokens.lm_head(hidden, "float32")
         return self.lm_head(hidden, "float32")
 
-    def create_paged_kv_cache(self, max_batch_size, max_total_seq_len, prefill_chunk_size,
-                              page_size, support_sliding_window):
+    def kv_cache_layout(self) -> dict:
         c = self.config
-        return create_kv_cache(
-            self, max_batch_size, max_total_seq_len, prefill_chunk_size, page_size,
-            support_sliding_window, num_q_heads=c.num_attention_heads,
-            num_kv_heads=c.num_key_value_heads, head_dim=c.head_dim,
-            attention_kinds=c.attention_kinds(), sliding_window=c.sliding_window_size,
-            rope_theta=c.rope_theta, rope_scaling=c.rope_scaling)
+        return dict(num_q_heads=c.num_attention_heads,
+                    num_kv_heads=c.num_key_value_heads,
+                    head_dim=c.head_dim,
+                    attention_kinds=c.attention_kinds(),
+                    sliding_window=c.sliding_window_size,
+                    rope_theta=c.rope_theta,
+                    rope_scaling=c.rope_scaling)
