@@ -228,6 +228,21 @@ def compile_model(model_dir: str | Path, device: str, output: str | Path,
     return CompileResult(path, dev.device, seconds, metadata)
 
 
+def compute_quantization(quantization, dev: DeviceTarget):
+    """The scheme a library computes in: the stored one, except that a CPU library of a
+    float16 group-quantized model (q4f16_1) computes in float32. x86 CPUs have no float16
+    arithmetic LLVM uses for these kernels (F16C only converts), so every float16 operation
+    becomes convert, operate, round: decode ran 2.7x slower than q4f32_1 (bench/NOTES.md).
+    The float32 library takes float32 scales and norms, which the loader widens once from
+    the file's float16 (`mlc.runtime.model.WIDENED_AT_LOAD`): the files stay MLC-LLM's, and
+    the kernels are q4f32_1's. GPU libraries keep float16."""
+    import dataclasses
+
+    if dev.kind == "cpu" and quantization.is_quantized and quantization.model_dtype == "float16":
+        return dataclasses.replace(quantization, model_dtype="float32")
+    return quantization
+
+
 def build_library(info, config, chat, quantization, dev: DeviceTarget, opt: str):
     """Export the nn.Module, run the pipeline, build. Returns (executable, metadata)."""
     import tvm
@@ -236,6 +251,7 @@ def build_library(info, config, chat, quantization, dev: DeviceTarget, opt: str)
     from mlc.compiler import cuda_support
     from mlc.models.layers import extern_cuda_kernels
 
+    quantization = compute_quantization(quantization, dev)
     target = dev.tvm_target()
     model = info.build(config, quantization)
     names = cuda_support.kernel_function if cuda_support.cuda_kernels_enabled(dev) else None
