@@ -3,15 +3,17 @@
     python bench/cpu.py [--gguf PATH] [--quant q4f32_1,q4f16_1] [--threads 2] [--runs 5]
                         [--prefill 64,512]
                         [--profile] [--opt O2] [--skip-hf] [--skip-llama-cpp]
-                        [--out bench/cpu-results.json]
+                        [--memory [--context 2048]] [--out bench/cpu-results.json]
 
 Compares, in one run and one process: mlc (each quantization, converted from the GGUF and
 compiled for this CPU), transformers float32 (loaded from the same GGUF, torch threads =
 --threads) and llama.cpp through llama-cpp-python when it is importable (skipped otherwise).
 Each figure is the median of --runs runs. Decode is timed over 32 steps after a 64-token
 prompt. `--profile` adds a per-kernel breakdown of one mlc prefill and decode step (VM
-instrumentation; the attention kernels run inside the KV-cache builtin). Results are
-printed as a table and written as JSON with the machine, command and date.
+instrumentation; the attention kernels run inside the KV-cache builtin). `--memory` adds the
+resident set of an mlc engine (MLCEngine) and of llama.cpp, each in a fresh process of its
+own serving the same work at the same context size. Results are printed as a table and
+written as JSON with the machine, command and date.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))     # the mlc of this checkout, not another one installed
 CACHE = Path(os.environ.get("MLC_BENCH_CACHE", REPO / ".cache" / "bench"))
 PREFILL_LENS = (64, 512)
 DECODE_STEPS = 32
@@ -157,6 +160,15 @@ def bench_transformers(gguf: Path, threads: int, runs: int) -> dict:
     return out
 
 
+def _llama_next_token(llm) -> int:
+    """Greedy next token after `llm.eval`. (`llm.scores` is only filled with logits_all=True
+    in llama-cpp-python 0.3.x: reading it gave token 0 at every step.)"""
+    import numpy as np
+
+    logits = np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(llm.n_vocab(),))
+    return int(logits.argmax())
+
+
 def bench_llama_cpp(gguf: Path, threads: int, runs: int) -> dict | None:
     """llama.cpp (llama-cpp-python) on the same GGUF; None when it is not installed."""
     try:
@@ -180,10 +192,95 @@ def bench_llama_cpp(gguf: Path, threads: int, runs: int) -> dict | None:
         llm.eval(_prompt(64))
         t = time.perf_counter()
         for _ in range(DECODE_STEPS):
-            llm.eval([int(llm.scores[llm.n_tokens - 1].argmax())])
+            llm.eval([_llama_next_token(llm)])
         steps.append((time.perf_counter() - t) / DECODE_STEPS)
     _record(out, "decode", [1 / t for t in steps])
     return out
+
+
+# ------------------------------------------------------------------------------ memory
+# Each engine's resident set is measured in a process of its own (a fresh interpreter: the
+# other engine's libraries and buffers are not in it), serving the same work: a context of
+# --context tokens, a 512-token prompt, then 64 generated tokens. torch is kept out of both
+# (it is not a dependency of either, but tvm_ffi imports it whenever it is installed, +210
+# MiB). mlc is measured twice: with TVM's runtime-only library (what a process that serves a
+# compiled library needs) and with the full TVM (+ the 260 MB compiler library).
+MEMORY_PROMPT, MEMORY_TOKENS = 512, 64
+
+
+def memory_child(kind: str, args) -> dict:
+    """In a child process: load one engine, serve the work, report its resident set (MiB)."""
+    sys.modules["torch"] = None          # an ImportError for tvm_ffi's optional import
+    from mlc.support.memory import reset_peak_rss, resident_set_mib
+
+    prompt = _prompt(MEMORY_PROMPT)
+    out = {"python": resident_set_mib()["rss"]}           # the interpreter and numpy
+    if kind == "mlc":
+        from tvm.runtime import vm  # noqa: F401 - what the engine loads, counted in "base"
+
+        import mlc.runtime.engine  # noqa: F401
+        from mlc import MLCEngine
+    else:
+        from llama_cpp import Llama
+    reset_peak_rss()
+    out["base"] = resident_set_mib()["rss"]               # + the engine's code
+    if kind == "mlc":
+        engine = MLCEngine(str(args.model_dir), "cpu", model_lib=str(args.lib),
+                           mode="interactive", max_batch_size=1,
+                           max_total_sequence_length=args.context, prefill_chunk_size=512)
+        out["loaded"] = resident_set_mib()["rss"]
+        engine.completions.create(prompt=prompt, max_tokens=MEMORY_TOKENS, temperature=0,
+                                  ignore_eos=True)
+        out["end"] = resident_set_mib()["rss"]
+        engine.terminate()
+    else:
+        llm = Llama(model_path=str(args.gguf), n_ctx=args.context, n_threads=args.threads,
+                    n_batch=512, verbose=False)
+        out["loaded"] = resident_set_mib()["rss"]
+        llm.eval(prompt)
+        for _ in range(MEMORY_TOKENS):
+            llm.eval([_llama_next_token(llm)])
+        out["end"] = resident_set_mib()["rss"]
+    out["peak"] = resident_set_mib()["peak"]
+    return out
+
+
+def bench_memory(kind: str, gguf: Path, context: int, threads: int,
+                 model_dir: Path | None = None, lib: Path | None = None,
+                 runtime_only: bool = False) -> dict | None:
+    """Run `memory_child` in a fresh interpreter; None when that engine is unavailable."""
+    import subprocess
+
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-child", kind,
+           "--gguf", str(gguf), "--context", str(context), "--threads", str(threads)]
+    if model_dir is not None:
+        cmd += ["--model-dir", str(model_dir), "--lib", str(lib)]
+    env = {**os.environ, "TVM_NUM_THREADS": str(threads),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO),
+                                                      os.environ.get("PYTHONPATH")]))}
+    env.pop("TVM_USE_RUNTIME_LIB", None)
+    if runtime_only:
+        env["TVM_USE_RUNTIME_LIB"] = "1"
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        if "No module named 'llama_cpp'" in proc.stderr:
+            return None
+        raise RuntimeError(f"memory child {kind} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _memory_table(rows: dict, context: int) -> None:
+    print(f"\nResident set (MiB), one process per engine: context {context} tokens, "
+          f"a {MEMORY_PROMPT}-token prompt, {MEMORY_TOKENS} generated tokens")
+    print("| engine | python + numpy | + engine code | loaded | after serving | peak | "
+          "model (peak - code) |")
+    print("|---|---|---|---|---|---|---|")
+    for name, m in rows.items():
+        if m is None:
+            print(f"| {name} | skipped (not installed) | | | | | |")
+            continue
+        print(f"| {name} | {m['python']:.0f} | {m['base']:.0f} | {m['loaded']:.0f} | "
+              f"{m['end']:.0f} | {m['peak']:.0f} | {m['peak'] - m['base']:.0f} |")
 
 
 # ------------------------------------------------------------------------------ main
@@ -213,17 +310,34 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--skip-hf", action="store_true", help="skip transformers")
     ap.add_argument("--skip-llama-cpp", action="store_true")
+    ap.add_argument("--memory", action="store_true",
+                    help="also measure each engine's resident set, in separate processes")
+    ap.add_argument("--context", type=int, default=2048, help="context size for --memory")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "cpu-results.json")
+    ap.add_argument("--memory-child", choices=("mlc", "llama.cpp"), help=argparse.SUPPRESS)
+    ap.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--lib", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     os.environ["TVM_NUM_THREADS"] = str(args.threads)   # read when TVM's pool starts
+    if args.memory_child:
+        print(json.dumps(memory_child(args.memory_child, args)))
+        return 0
     global PREFILL_LENS
     PREFILL_LENS = tuple(int(n) for n in args.prefill.split(","))
     gguf = args.gguf or _gguf_default()
     rows: dict[str, dict | None] = {}
+    memory: dict[str, dict | None] = {}
     for q in filter(None, args.quant.split(",")):
         model_dir, lib = prepare_mlc(gguf, q, args.opt)
         rows[f"mlc {q} ({args.opt})"] = bench_mlc(model_dir, lib, args.runs, args.profile)
+        if args.memory:
+            for runtime_only, tvm in ((True, "runtime-only TVM"), (False, "full TVM")):
+                memory[f"mlc {q} engine, {tvm}"] = bench_memory(
+                    "mlc", gguf, args.context, args.threads, model_dir, lib, runtime_only)
         print(f"  done: mlc {q}", flush=True)
+    if args.memory and not args.skip_llama_cpp:
+        memory["llama.cpp (llama-cpp-python)"] = bench_memory("llama.cpp", gguf, args.context,
+                                                              args.threads)
     if not args.skip_hf:
         rows["transformers float32"] = bench_transformers(gguf, args.threads, args.runs)
     if not args.skip_llama_cpp:
@@ -238,10 +352,15 @@ def main(argv: list[str] | None = None) -> int:
         cells = ["skipped (not installed)"] * len(cols) if row is None else \
             [f"{row[c]:.1f} ({row[c.replace('_tok_s', '_best_tok_s')]:.0f})" for c in cols]
         print(f"| {name} | {' | '.join(cells)} |")
+    if args.memory:
+        _memory_table(memory, args.context)
     record = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
               "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
               "machine": _machine(), "threads": args.threads, "runs": args.runs,
-              "gguf": str(gguf), "results": rows}
+              "gguf": str(gguf), "results": rows,
+              **({"resident_set_mib": {"context": args.context, "prompt": MEMORY_PROMPT,
+                                       "generated": MEMORY_TOKENS, "engines": memory}}
+                 if args.memory else {})}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {args.out}")

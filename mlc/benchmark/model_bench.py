@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from mlc.runtime.model import KVCacheConfig, LoadedModel
+from mlc.support.memory import resident_set_mib
 
 
 @dataclass
@@ -30,6 +31,9 @@ class BenchResult:
     decode_tok_s: dict[int, float] = field(default_factory=dict)     # batch -> total tok/s
     decode_step_ms: dict[int, float] = field(default_factory=dict)
     peak_memory_gib: float | None = None
+    # the process's resident set (host memory, MiB): before the model was loaded, once the
+    # weights and KV cache were in place, at the end, and the peak since the load began
+    rss_mib: dict[str, float] = field(default_factory=dict)
     load_seconds: float | None = None
     runs: int = 0
     date: str = field(default_factory=lambda: time.strftime("%Y-%m-%d"))
@@ -96,6 +100,7 @@ def bench_model(model: LoadedModel, name: str, prompt_lengths=(128, 512, 2048),
     total = min(total, max(meta["context_window_size"], max(prompt_lengths) + 16) * max_batch)
     model.create_kv_cache(KVCacheConfig(max_batch, total, chunk))
     res = BenchResult(name, meta["quantization"], model.device_kind, runs=runs)
+    res.rss_mib["loaded"] = resident_set_mib().get("rss", 0.0)
     peak = gpu_memory_used_gib()
 
     def prefill(n: int):
@@ -136,6 +141,8 @@ def bench_model(model: LoadedModel, name: str, prompt_lengths=(128, 512, 2048),
         used = gpu_memory_used_gib()
         peak = max(peak or 0, used or 0) or None
     res.peak_memory_gib = peak
+    res.rss_mib["end"] = resident_set_mib().get("rss", 0.0)
+    res.rss_mib["peak"] = resident_set_mib()["peak"]
     return res
 
 
@@ -160,6 +167,10 @@ def format_table(results: list[BenchResult]) -> str:
     for b in sorted({k for r in results for k in r.decode_tok_s}):
         row(f"decode batch {b} tok/s", [r.decode_tok_s.get(b) for r in results])
     row("peak memory GiB", [r.peak_memory_gib for r in results])
+    for key, label in (("base", "before load"), ("loaded", "loaded"), ("end", "at the end"),
+                       ("peak", "peak")):
+        if any(key in r.rss_mib for r in results):
+            row(f"resident set MiB, {label}", [r.rss_mib.get(key) for r in results])
     return "\n".join(lines)
 
 

@@ -52,6 +52,7 @@ def bench(model, model_config, quantization, dummy, device, model_lib, prompts, 
     from mlc.errors import MLCError
     from mlc.runtime.device import parse_runtime_device
     from mlc.runtime.model import LoadedModel
+    from mlc.support.memory import reset_peak_rss, resident_set_mib
 
     if not model and not model_config:
         raise MLCError("Give a MODEL dir or --model-config PRESET (with --dummy).")
@@ -66,9 +67,13 @@ def bench(model, model_config, quantization, dummy, device, model_lib, prompts, 
 
         kind, dev = parse_runtime_device(device)
         model_lib = find_or_build_library(Path(model), kind, dev)
+    reset_peak_rss()           # the peak from here on: not the compile that may have run
+    base = resident_set_mib().get("rss")
     loaded = LoadedModel(model, model_lib, device, dummy=dummy)
     results = [bench_model(loaded, name, _ints(prompts), decode_tokens, _ints(batches), runs,
                            prefill_chunk=prefill_chunk)]
+    if base is not None:
+        results[0].rss_mib["base"] = base
     del loaded
     if compare_transformers:
         from mlc.benchmark.transformers_bench import bench_transformers
