@@ -1,7 +1,7 @@
 """CPU benchmark: SmolLM2-135M prefill (64 and 512 tokens) and decode tok/s.
 
     python bench/cpu.py [--gguf PATH] [--quant q4f32_1,q4f16_1] [--threads 2] [--runs 5]
-                        [--prefill 64,512]
+                        [--prefill 64,512] [--device cpu|cpu:x86-64-v3]
                         [--profile] [--opt O2] [--skip-hf] [--skip-llama-cpp]
                         [--memory [--context 2048]] [--out bench/cpu-results.json]
 
@@ -57,16 +57,18 @@ def _gguf_default() -> Path:
 # ------------------------------------------------------------------------------ mlc
 
 
-def prepare_mlc(gguf: Path, quantization: str, opt: str) -> tuple[Path, Path]:
-    """Convert the GGUF (once) and compile it for this CPU (once per opt); (dir, lib)."""
+def prepare_mlc(gguf: Path, quantization: str, opt: str, device: str = "cpu"
+                ) -> tuple[Path, Path]:
+    """Convert the GGUF (once) and compile it for `device` (this CPU, or e.g.
+    cpu:x86-64-v3 for plain AVX2 code); (dir, lib)."""
     from mlc.compiler.compile import compile_model
     from mlc.compiler.convert import convert
 
     model_dir = CACHE / f"smollm2-{quantization}"
     if not (model_dir / "mlc-chat-config.json").exists():
         convert(str(gguf), quantization, model_dir, overwrite=model_dir.exists(), quiet=True)
-    lib = CACHE / f"smollm2-{quantization}-cpu-{opt}.so"
-    compile_model(model_dir, "cpu", lib, opt=opt, quiet=True)
+    lib = CACHE / f"smollm2-{quantization}-{device.replace(':', '-')}-{opt}.so"
+    compile_model(model_dir, device, lib, opt=opt, quiet=True)
     return model_dir, lib
 
 
@@ -286,7 +288,7 @@ def _memory_table(rows: dict, context: int) -> None:
 # ------------------------------------------------------------------------------ main
 
 
-def _machine() -> dict:
+def _machine(device: str = "cpu") -> dict:
     from mlc.compiler.target import parse_device
     from mlc.support.cpu_info import NOTABLE_FEATURES, cpu_model, describe_cpu_target, host_flags
 
@@ -294,7 +296,7 @@ def _machine() -> dict:
     flags = [f for f in host_flags() if f.replace("_", "") in
              {n.replace(".", "").replace("-", "") for n in NOTABLE_FEATURES}]
     return {"cpu": cpu_model(), "cores": os.cpu_count(), "host_flags": flags,
-            "compiled_for": describe_cpu_target(parse_device("cpu").tvm_target()),
+            "compiled_for": describe_cpu_target(parse_device(device).tvm_target()),
             "platform": platform.platform(), "python": platform.python_version(),
             "load_avg_at_start": load}
 
@@ -306,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--opt", default="O2")
+    ap.add_argument("--device", default="cpu",
+                    help="what mlc compiles for: cpu (this CPU) or cpu:MCPU, e.g. cpu:x86-64-v3")
     ap.add_argument("--prefill", default="64,512", help="prompt lengths to time")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--skip-hf", action="store_true", help="skip transformers")
@@ -328,8 +332,9 @@ def main(argv: list[str] | None = None) -> int:
     rows: dict[str, dict | None] = {}
     memory: dict[str, dict | None] = {}
     for q in filter(None, args.quant.split(",")):
-        model_dir, lib = prepare_mlc(gguf, q, args.opt)
-        rows[f"mlc {q} ({args.opt})"] = bench_mlc(model_dir, lib, args.runs, args.profile)
+        model_dir, lib = prepare_mlc(gguf, q, args.opt, args.device)
+        tag = args.opt if args.device == "cpu" else f"{args.opt}, {args.device}"
+        rows[f"mlc {q} ({tag})"] = bench_mlc(model_dir, lib, args.runs, args.profile)
         if args.memory:
             for runtime_only, tvm in ((True, "runtime-only TVM"), (False, "full TVM")):
                 memory[f"mlc {q} engine, {tvm}"] = bench_memory(
@@ -356,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         _memory_table(memory, args.context)
     record = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
               "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
-              "machine": _machine(), "threads": args.threads, "runs": args.runs,
+              "machine": _machine(args.device), "threads": args.threads, "runs": args.runs,
               "gguf": str(gguf), "results": rows,
               **({"resident_set_mib": {"context": args.context, "prompt": MEMORY_PROMPT,
                                        "generated": MEMORY_TOKENS, "engines": memory}}

@@ -287,6 +287,7 @@ def write_mlc_dir(hf_model, out_dir: str | Path, quantization: str = "q0f32",
 # The code that decides what a library contains: a change here rebuilds cached libraries.
 _LIBRARY_SOURCES = ("mlc/compiler/compile.py", "mlc/compiler/target.py",
                     "mlc/compiler/schedules.py", "mlc/compiler/cpu_schedules.py",
+                    "mlc/compiler/cpu_rules.py", "mlc/compiler/cpu_tir.py",
                     "mlc/compiler/cpu_attention.py", "mlc/compiler/cuda_support.py",
                     "mlc/compiler/cuda_attention.py", "mlc/compiler/quantization",
                     "mlc/compiler/passes",

@@ -70,9 +70,10 @@ def model_config_for(chat: ChatConfig, overrides: dict[str, int]):
     return get_model(chat.model_type).config_from_dict(data)
 
 
-def build_pipeline(dev: DeviceTarget, opt: str, sliding_window: int = 0):
+def build_pipeline(dev: DeviceTarget, opt: str, sliding_window: int = 0, last_phase: int = 5):
     """All passes from the exported IRModule to VM-ready code, in phases. `sliding_window` is
-    the layer window the model's KV cache was built with (`kv_cache_window`)."""
+    the layer window the model's KV cache was built with (`kv_cache_window`); `last_phase`
+    stops earlier (4: the scheduled TIR, for inspection)."""
     import tvm
     from tvm import relax
 
@@ -104,7 +105,7 @@ def build_pipeline(dev: DeviceTarget, opt: str, sliding_window: int = 0):
     @tvm.transform.module_pass(opt_level=0, name="mlc_pipeline")
     def _pipeline(mod, _ctx):
         with target:
-            for i, phase in enumerate(phases):
+            for i, phase in enumerate(phases[:last_phase]):
                 mod = tvm.transform.Sequential(phase)(mod)
                 if dump:
                     Path(dump).mkdir(parents=True, exist_ok=True)
@@ -248,6 +249,18 @@ def build_library(info, config, chat, quantization, dev: DeviceTarget, opt: str)
     import tvm
     from tvm import relax
 
+    from mlc.models.common import kv_cache_window
+
+    mod, metadata = export_module(info, config, chat, quantization, dev, opt)
+    cuda_graphs = dev.kind == "cuda" and opt in ("O2", "O3")
+    pipeline = build_pipeline(dev, opt, kv_cache_window(config.sliding_window_size))
+    with tvm.transform.PassContext(config={"relax.backend.use_cuda_graph": cuda_graphs}):
+        ex = relax.build(mod, dev.tvm_target(), relax_pipeline=pipeline)
+    return ex, metadata
+
+
+def export_module(info, config, chat, quantization, dev: DeviceTarget, opt: str):
+    """The model's Relax IRModule as the pipeline takes it, and the library's metadata."""
     from mlc.compiler import cuda_support
     from mlc.models.layers import extern_cuda_kernels
 
@@ -266,15 +279,9 @@ def build_library(info, config, chat, quantization, dev: DeviceTarget, opt: str)
         mod = cuda_attention.use_mlc_attention()(mod)
     # CUDA graphs: RewriteCUDAGraph captures the static-shape regions (batch-1 decode) so a
     # token costs a few graph launches per layer instead of ~15 kernel launches.
-    cuda_graphs = dev.kind == "cuda" and opt in ("O2", "O3")
-    if cuda_graphs:
+    if dev.kind == "cuda" and opt in ("O2", "O3"):
         mod = _capture_batch_decode(mod)
-    from mlc.models.common import kv_cache_window
-
-    pipeline = build_pipeline(dev, opt, kv_cache_window(config.sliding_window_size))
-    with tvm.transform.PassContext(config={"relax.backend.use_cuda_graph": cuda_graphs}):
-        ex = relax.build(mod, target, relax_pipeline=pipeline)
-    return ex, metadata
+    return mod, metadata
 
 
 def _uses_mlc_attention(dev: DeviceTarget, config, quantization) -> bool:
