@@ -8,8 +8,9 @@
 Compares, in one run and one process: mlc (each quantization, converted from the GGUF and
 compiled for this CPU), transformers float32 (loaded from the same GGUF, torch threads =
 --threads) and llama.cpp through llama-cpp-python when it is importable (skipped otherwise).
-Each figure is the median of --runs runs. Decode is timed over 32 steps after a 64-token
-prompt. `--profile` adds a per-kernel breakdown of one mlc prefill and decode step (VM
+The engines take turns round by round (one warm-up round, then --runs rounds, each timing
+every figure once), so a change of load on a shared machine hits them all alike; each figure
+is the median of its rounds. Decode is timed over 32 steps after a 64-token prompt. `--profile` adds a per-kernel breakdown of one mlc prefill and decode step (VM
 instrumentation; the attention kernels run inside the KV-cache builtin). `--memory` adds the
 resident set of an mlc engine (MLCEngine) and of llama.cpp, each in a fresh process of its
 own serving the same work at the same context size. Results are printed as a table and
@@ -72,43 +73,37 @@ def prepare_mlc(gguf: Path, quantization: str, opt: str, device: str = "cpu"
     return model_dir, lib
 
 
-def bench_mlc(model_dir: Path, lib: Path, runs: int, profile: bool) -> dict:
-    """Median prefill tok/s per prompt length and decode tok/s of the low-level runtime."""
-    from mlc.runtime.model import KVCacheConfig, LoadedModel
+class MlcRunner:
+    """The low-level runtime (`LoadedModel`) of one library; `round()` times each figure once."""
 
-    model = LoadedModel(model_dir, lib, device="cpu")
-    model.create_kv_cache(KVCacheConfig(1, 4096, 512))
-    out: dict = {}
-    seq = 0
+    def __init__(self, model_dir: Path, lib: Path):
+        from mlc.runtime.model import KVCacheConfig, LoadedModel
 
-    def fresh() -> int:
-        nonlocal seq
-        seq += 1
-        model.add_sequence(seq)
-        return seq
+        self.model = LoadedModel(model_dir, lib, device="cpu")
+        self.model.create_kv_cache(KVCacheConfig(1, 4096, 512))
+        self.seq = 0
 
-    for n in PREFILL_LENS:
-        prompt, times = _prompt(n), []
-        for _ in range(runs + 1):                       # the first run warms up
-            s = fresh()
+    def fresh(self) -> int:
+        self.seq += 1
+        self.model.add_sequence(self.seq)
+        return self.seq
+
+    def round(self) -> dict[str, float]:
+        out = {}
+        for n in PREFILL_LENS:
+            s = self.fresh()
             t = time.perf_counter()
-            model.prefill([s], [prompt])
-            times.append(time.perf_counter() - t)
-            model.remove_sequence(s)
-        _record(out, f"prefill_{n}", [n / t for t in times[1:]])
-    steps = []
-    for _ in range(runs):
-        s = fresh()
-        tok = int(model.prefill([s], [_prompt(64)])[0].argmax())
+            self.model.prefill([s], [_prompt(n)])
+            out[f"prefill_{n}"] = n / (time.perf_counter() - t)
+            self.model.remove_sequence(s)
+        s = self.fresh()
+        tok = int(self.model.prefill([s], [_prompt(64)])[0].argmax())
         t = time.perf_counter()
         for _ in range(DECODE_STEPS):
-            tok = int(model.decode([s], [tok])[0].argmax())
-        steps.append((time.perf_counter() - t) / DECODE_STEPS)
-        model.remove_sequence(s)
-    _record(out, "decode", [1 / t for t in steps])
-    if profile:
-        out["profile"] = profile_mlc(model, fresh)
-    return out
+            tok = int(self.model.decode([s], [tok])[0].argmax())
+        out["decode"] = DECODE_STEPS / (time.perf_counter() - t)
+        self.model.remove_sequence(s)
+        return out
 
 
 def profile_mlc(model, fresh) -> dict:
@@ -131,35 +126,33 @@ def profile_mlc(model, fresh) -> dict:
 # ------------------------------------------------------------------------------ references
 
 
-def bench_transformers(gguf: Path, threads: int, runs: int) -> dict:
+class TransformersRunner:
     """transformers float32 (dequantized from the GGUF), greedy decode with its KV cache."""
-    import torch
-    from transformers import AutoModelForCausalLM
 
-    torch.set_num_threads(threads)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
-                                                 torch_dtype=torch.float32).eval()
-    out = {}
-    with torch.inference_mode():
-        for n in PREFILL_LENS:
-            ids = torch.tensor([_prompt(n)])
-            times = []
-            for _ in range(runs + 1):
+    def __init__(self, gguf: Path, threads: int):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        torch.set_num_threads(threads)
+        self.torch = torch
+        self.model = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, torch_dtype=torch.float32).eval()
+
+    def round(self) -> dict[str, float]:
+        torch, model, out = self.torch, self.model, {}
+        with torch.inference_mode():
+            for n in PREFILL_LENS:
                 t = time.perf_counter()
-                model(ids, use_cache=True)
-                times.append(time.perf_counter() - t)
-            _record(out, f"prefill_{n}", [n / t for t in times[1:]])
-        steps = []
-        for _ in range(runs):
+                model(torch.tensor([_prompt(n)]), use_cache=True)
+                out[f"prefill_{n}"] = n / (time.perf_counter() - t)
             res = model(torch.tensor([_prompt(64)]), use_cache=True)
             past, tok = res.past_key_values, res.logits[:, -1:].argmax(-1)
             t = time.perf_counter()
             for _ in range(DECODE_STEPS):
                 res = model(tok, past_key_values=past, use_cache=True)
                 past, tok = res.past_key_values, res.logits[:, -1:].argmax(-1)
-            steps.append((time.perf_counter() - t) / DECODE_STEPS)
-        _record(out, "decode", [1 / t for t in steps])
-    return out
+            out["decode"] = DECODE_STEPS / (time.perf_counter() - t)
+        return out
 
 
 def _llama_next_token(llm) -> int:
@@ -171,32 +164,45 @@ def _llama_next_token(llm) -> int:
     return int(logits.argmax())
 
 
-def bench_llama_cpp(gguf: Path, threads: int, runs: int) -> dict | None:
-    """llama.cpp (llama-cpp-python) on the same GGUF; None when it is not installed."""
-    try:
+class LlamaCppRunner:
+    """llama.cpp (llama-cpp-python) on the same GGUF."""
+
+    def __init__(self, gguf: Path, threads: int):
         from llama_cpp import Llama
-    except ImportError:
-        return None
-    llm = Llama(model_path=str(gguf), n_ctx=1024, n_threads=threads, n_batch=512,
-                verbose=False)
-    out = {}
-    for n in PREFILL_LENS:
-        prompt, times = _prompt(n), []
-        for _ in range(runs + 1):
+
+        self.llm = Llama(model_path=str(gguf), n_ctx=1024, n_threads=threads, n_batch=512,
+                         verbose=False)
+
+    def round(self) -> dict[str, float]:
+        llm, out = self.llm, {}
+        for n in PREFILL_LENS:
             llm.reset()
             t = time.perf_counter()
-            llm.eval(prompt)
-            times.append(time.perf_counter() - t)
-        _record(out, f"prefill_{n}", [n / t for t in times[1:]])
-    steps = []
-    for _ in range(runs):
+            llm.eval(_prompt(n))
+            out[f"prefill_{n}"] = n / (time.perf_counter() - t)
         llm.reset()
         llm.eval(_prompt(64))
         t = time.perf_counter()
         for _ in range(DECODE_STEPS):
             llm.eval([_llama_next_token(llm)])
-        steps.append((time.perf_counter() - t) / DECODE_STEPS)
-    _record(out, "decode", [1 / t for t in steps])
+        out["decode"] = DECODE_STEPS / (time.perf_counter() - t)
+        return out
+
+
+def run_alternating(runners: dict, runs: int) -> dict[str, dict]:
+    """Each engine's figures, the engines taking turns round by round (one warm-up round,
+    then `runs`), so a change of the machine's load hits them all alike; medians."""
+    rates: dict[str, dict[str, list[float]]] = {name: {} for name in runners}
+    for r in range(runs + 1):
+        for name, runner in runners.items():
+            for key, rate in runner.round().items():
+                if r:
+                    rates[name].setdefault(key, []).append(rate)
+    out: dict[str, dict] = {}
+    for name, figures in rates.items():
+        out[name] = {}
+        for key, values in figures.items():
+            _record(out[name], key, values)
     return out
 
 
@@ -329,27 +335,36 @@ def main(argv: list[str] | None = None) -> int:
     global PREFILL_LENS
     PREFILL_LENS = tuple(int(n) for n in args.prefill.split(","))
     gguf = args.gguf or _gguf_default()
-    rows: dict[str, dict | None] = {}
+    runners: dict = {}
     memory: dict[str, dict | None] = {}
     for q in filter(None, args.quant.split(",")):
         model_dir, lib = prepare_mlc(gguf, q, args.opt, args.device)
         tag = args.opt if args.device == "cpu" else f"{args.opt}, {args.device}"
-        rows[f"mlc {q} ({tag})"] = bench_mlc(model_dir, lib, args.runs, args.profile)
+        runners[f"mlc {q} ({tag})"] = MlcRunner(model_dir, lib)
         if args.memory:
             for runtime_only, tvm in ((True, "runtime-only TVM"), (False, "full TVM")):
                 memory[f"mlc {q} engine, {tvm}"] = bench_memory(
                     "mlc", gguf, args.context, args.threads, model_dir, lib, runtime_only)
-        print(f"  done: mlc {q}", flush=True)
-    if args.memory and not args.skip_llama_cpp:
-        memory["llama.cpp (llama-cpp-python)"] = bench_memory("llama.cpp", gguf, args.context,
-                                                              args.threads)
     if not args.skip_hf:
-        rows["transformers float32"] = bench_transformers(gguf, args.threads, args.runs)
+        runners["transformers float32"] = TransformersRunner(gguf, args.threads)
+    llama_name = "llama.cpp (llama-cpp-python)"
     if not args.skip_llama_cpp:
-        rows["llama.cpp (llama-cpp-python)"] = bench_llama_cpp(gguf, args.threads, args.runs)
+        try:
+            runners[llama_name] = LlamaCppRunner(gguf, args.threads)
+        except ImportError:
+            pass
+        if args.memory:
+            memory[llama_name] = bench_memory("llama.cpp", gguf, args.context, args.threads)
+    rows: dict[str, dict | None] = run_alternating(runners, args.runs)
+    if not args.skip_llama_cpp and llama_name not in rows:
+        rows[llama_name] = None                          # not installed
+    if args.profile:
+        for name, runner in runners.items():
+            if isinstance(runner, MlcRunner):
+                rows[name]["profile"] = profile_mlc(runner.model, runner.fresh)
     cols = [f"prefill_{n}_tok_s" for n in PREFILL_LENS] + ["decode_tok_s"]
     print(f"\nSmolLM2-135M on {_machine()['cpu']}, {args.threads} threads, "
-          f"median of {args.runs} runs (tok/s)")
+          f"median of {args.runs} alternating rounds (tok/s)")
     print(f"| engine | {' | '.join(c.replace('_tok_s', '') for c in cols)} |"
           "  (median; best run in parentheses)")
     print(f"|---|{'---|' * len(cols)}")
