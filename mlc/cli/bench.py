@@ -67,6 +67,8 @@ def bench(model, model_config, quantization, dummy, device, model_lib, prompts, 
 
         kind, dev = parse_runtime_device(device)
         model_lib = find_or_build_library(Path(model), kind, dev)
+    from tvm.runtime import vm  # noqa: F401 - TVM's code counts in "before load"
+
     reset_peak_rss()           # the peak from here on: not the compile that may have run
     base = resident_set_mib().get("rss")
     loaded = LoadedModel(model, model_lib, device, dummy=dummy)
