@@ -49,11 +49,13 @@ def _run(func, rows, n, k, seed=0):
                                       (1, 576, 1536),     # decode down_proj
                                       (None, 576, 1536),  # prefill, symbolic rows
                                       (None, 3072, 576)])
-def test_q4_matmul_kernel_matches_unscheduled(rows, n, k):
+@pytest.mark.parametrize("device", ["cpu", "cpu:x86-64-v3"])   # 16 / 8 GEMV lanes here
+def test_q4_matmul_kernel_matches_unscheduled(rows, n, k, device):
     from mlc.compiler.cpu_schedules import schedule_func
+    from mlc.compiler.target import parse_device
 
     func = _q4_func(rows, n, k)
-    scheduled = schedule_func(func)
+    scheduled = schedule_func(func, parse_device(device).tvm_target())
     assert scheduled is not None, "the matmul rule must apply"
     assert "T.parallel" in scheduled.script() and "T.vectorized" in scheduled.script()
     for r in ([1] if rows == 1 else [1, 7, 64]):       # 7: not a multiple of the row tile
