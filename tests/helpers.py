@@ -172,11 +172,14 @@ def hf_greedy(hf_model, prompt: list[int], steps: int) -> list[int]:
     return tokens[len(prompt):]
 
 
-def dequantized_hf_model(hf_model, mlc_dir: str | Path):
+def dequantized_hf_model(hf_model, mlc_dir: str | Path, exact_float32: bool = False):
     """A copy of `hf_model` whose weights are read back (dequantized, as float32) from an MLC
     dir: the exact reference for a quantized library. A parameter stored transformed (Gemma's
-    1 + w norms) keeps the HF value: it is unquantized, rounded to float16 at most."""
+    1 + w norms) keeps the HF value: it is unquantized, rounded to float16 at most.
+    `exact_float32`: dequantize float16 groups in float32 ((q - 7) * scale not rounded to
+    float16), as a CPU library of a q4f16_1 model computes."""
     import copy
+    import dataclasses
 
     import torch
 
@@ -191,6 +194,8 @@ def dequantized_hf_model(hf_model, mlc_dir: str | Path):
 
     chat = ChatConfig.load(mlc_dir)
     q = get_quantization(chat.quantization)
+    if exact_float32:
+        q = dataclasses.replace(q, model_dtype="float32")
     info = get_model(chat.model_type)
     config = info.config_from_dict(chat.model_config)
     cache = TensorCache(mlc_dir)
@@ -282,6 +287,7 @@ def write_mlc_dir(hf_model, out_dir: str | Path, quantization: str = "q0f32",
 # The code that decides what a library contains: a change here rebuilds cached libraries.
 _LIBRARY_SOURCES = ("mlc/compiler/compile.py", "mlc/compiler/target.py",
                     "mlc/compiler/schedules.py", "mlc/compiler/cpu_schedules.py",
+                    "mlc/compiler/cpu_rules.py", "mlc/compiler/cpu_tir.py",
                     "mlc/compiler/cpu_attention.py", "mlc/compiler/cuda_support.py",
                     "mlc/compiler/cuda_attention.py", "mlc/compiler/quantization",
                     "mlc/compiler/passes",

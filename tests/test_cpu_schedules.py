@@ -49,11 +49,13 @@ def _run(func, rows, n, k, seed=0):
                                       (1, 576, 1536),     # decode down_proj
                                       (None, 576, 1536),  # prefill, symbolic rows
                                       (None, 3072, 576)])
-def test_q4_matmul_kernel_matches_unscheduled(rows, n, k):
+@pytest.mark.parametrize("device", ["cpu", "cpu:x86-64-v3"])   # 16 / 8 GEMV lanes here
+def test_q4_matmul_kernel_matches_unscheduled(rows, n, k, device):
     from mlc.compiler.cpu_schedules import schedule_func
+    from mlc.compiler.target import parse_device
 
     func = _q4_func(rows, n, k)
-    scheduled = schedule_func(func)
+    scheduled = schedule_func(func, parse_device(device).tvm_target())
     assert scheduled is not None, "the matmul rule must apply"
     assert "T.parallel" in scheduled.script() and "T.vectorized" in scheduled.script()
     for r in ([1] if rows == 1 else [1, 7, 64]):       # 7: not a multiple of the row tile
@@ -290,3 +292,54 @@ def test_scheduled_library_matches_O0(tiny, quantization):
     ours = _logits(mlc_dir, build_lib(mlc_dir, opt="O2"), prompt, steps=5)
     assert np.isfinite(ours).all()
     assert max_rel_diff(ours, ref) < TOL
+
+
+# ------------------------------------------------------------------------------ rules
+
+
+# TVM's sort and scan kernels (the library's sampling helpers, outside the forward pass)
+# come already lowered to loops with their own structure: no CPU rule's pattern.
+UNSCHEDULED_OK = {"argsort", "cumsum", "sort", "topk"}
+MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi": "phi",
+               "gemma3": "gemma3_text"}
+
+
+@pytest.mark.parametrize("quantization", ["q0f32", "q4f16_1"])
+@pytest.mark.parametrize("arch", list(MODEL_TYPES))
+def test_rules_schedule_every_architecture(arch, quantization):
+    """The CPU rules are chosen by pattern: every architecture's kernels are scheduled by
+    the same four rules (no architecture-specific schedule code), none is left a naive loop
+    nest but TVM's sorting kernels."""
+    from helpers import TINY_ARCHS
+
+    from mlc.compiler.compile import build_pipeline, export_module
+    from mlc.compiler.cpu_schedules import schedule_summary
+    from mlc.compiler.quantization import get_quantization
+    from mlc.compiler.target import parse_device
+    from mlc.models.common import kv_cache_window
+    from mlc.models.registry import get_model
+    from mlc.support.chat_config import ChatConfig
+
+    model_type = MODEL_TYPES[arch]
+    info = get_model(model_type)
+    config = info.config_from_hf({"model_type": model_type, **TINY_ARCHS[arch]})
+    chat = ChatConfig(model_type=model_type, quantization=quantization,
+                      model_config=config.to_dict(), vocab_size=config.vocab_size,
+                      context_window_size=config.context_window_size,
+                      prefill_chunk_size=config.prefill_chunk_size,
+                      sliding_window_size=config.sliding_window_size)
+    dev = parse_device("cpu")
+    mod, _ = export_module(info, config, chat, get_quantization(quantization), dev, "O2")
+    mod = build_pipeline(dev, "O2", kv_cache_window(config.sliding_window_size),
+                         last_phase=4)(mod)
+    summary = schedule_summary(mod)
+    unscheduled = {name for name, rule in summary.items() if rule is None}
+    assert unscheduled <= UNSCHEDULED_OK, unscheduled
+    counts = {rule: sum(r == rule for r in summary.values())
+              for rule in ("gemv", "gemm", "rows", "elementwise", "kernel")}
+    # decode: qkv, o, gate/up (+ down), lm_head as GEMVs; prefill: the same as GEMMs
+    assert counts["gemv"] >= 4 and counts["gemm"] >= 4, counts
+    assert counts["rows"] >= 2 and counts["elementwise"] >= 1, counts
+    assert counts["kernel"] >= 3, counts            # mlc's attention kernels
+    names = {n for n, r in summary.items() if r in ("gemv", "gemm")}
+    assert any("q4_matmul" in n for n in names) == (quantization == "q4f16_1"), names

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from mlc.runtime.model import KVCacheConfig, LoadedModel
+from mlc.support.memory import resident_set_mib
 
 
 @dataclass
@@ -31,6 +32,9 @@ class BenchResult:
     decode_step_ms: dict[int, float] = field(default_factory=dict)
     decode_context: int = 16                      # tokens in each sequence's cache at decode
     peak_memory_gib: float | None = None
+    # the process's resident set (host memory, MiB): before the model was loaded, once the
+    # weights and KV cache were in place, at the end, and the peak since the load began
+    rss_mib: dict[str, float] = field(default_factory=dict)
     load_seconds: float | None = None             # library + weights + first call of each kind
     cuda_compile_seconds: float | None = None     # of which: compiling TVM's CUDA source (NVRTC)
     cuda_kernels_precompiled: bool | None = None  # the library carried a cubin of it instead
@@ -127,6 +131,7 @@ def bench_model(model: LoadedModel, name: str, prompt_lengths=(128, 512, 2048),
     model.create_kv_cache(KVCacheConfig(max_batch, total, chunk))
     res = BenchResult(name, meta["quantization"], model.device_kind, runs=runs,
                       decode_context=decode_context)
+    res.rss_mib["loaded"] = resident_set_mib().get("rss", 0.0)
     peak = gpu_memory_used_gib()
 
     def prefill(n: int):
@@ -169,6 +174,8 @@ def bench_model(model: LoadedModel, name: str, prompt_lengths=(128, 512, 2048),
         used = gpu_memory_used_gib()
         peak = max(peak or 0, used or 0) or None
     res.peak_memory_gib = peak
+    res.rss_mib["end"] = resident_set_mib().get("rss", 0.0)
+    res.rss_mib["peak"] = resident_set_mib()["peak"]
     return res
 
 
@@ -198,6 +205,10 @@ def format_table(results: list[BenchResult]) -> str:
     row("load s (to the first token)", [r.load_seconds for r in results])
     if any(r.cuda_compile_seconds is not None for r in results):
         row("of which compiling CUDA source s", [r.cuda_compile_seconds for r in results])
+    for key, label in (("base", "before load"), ("loaded", "loaded"), ("end", "at the end"),
+                       ("peak", "peak")):
+        if any(key in r.rss_mib for r in results):
+            row(f"resident set MiB, {label}", [r.rss_mib.get(key) for r in results])
     return "\n".join(lines)
 
 

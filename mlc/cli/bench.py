@@ -53,6 +53,7 @@ def bench(model, model_config, quantization, dummy, device, model_lib, prompts, 
     from mlc.benchmark.model_bench import bench_model, format_table, load_and_warm_up, save_results
     from mlc.errors import MLCError
     from mlc.runtime.device import parse_runtime_device
+    from mlc.support.memory import reset_peak_rss, resident_set_mib
 
     if not model and not model_config:
         raise MLCError("Give a MODEL dir or --model-config PRESET (with --dummy).")
@@ -67,12 +68,18 @@ def bench(model, model_config, quantization, dummy, device, model_lib, prompts, 
 
         kind, dev = parse_runtime_device(device)
         model_lib = find_or_build_library(Path(model), kind, dev)
+    from tvm.runtime import vm  # noqa: F401 - TVM's code counts in "before load"
+
+    reset_peak_rss()           # the peak from here on: not the compile that may have run
+    base = resident_set_mib().get("rss")
     loaded, load = load_and_warm_up(model, model_lib, device, dummy)
     results = [bench_model(loaded, name, _ints(prompts), decode_tokens, _ints(batches), runs,
                            prefill_chunk=prefill_chunk, decode_context=decode_context)]
     results[0].load_seconds = load["load_seconds"]
     results[0].cuda_compile_seconds = load["cuda_compile_seconds"]
     results[0].cuda_kernels_precompiled = load["cuda_kernels_precompiled"]
+    if base is not None:
+        results[0].rss_mib["base"] = base
     del loaded
     if compare_transformers:
         from mlc.benchmark.transformers_bench import bench_transformers

@@ -401,17 +401,9 @@ def compare_library(meta: dict[str, Any], chat, cache, gpu_usable: bool,
     problems = []
     if cache is not None:
         try:
-            check_library_matches(meta, chat, cache)
+            check_library_matches(meta, chat, cache)   # names, shapes and dtypes
         except MLCError as e:
             problems.append(Problem(e.message))
-        else:
-            for p in meta.get("params", []):
-                rec = cache.records.get(p["name"])
-                if rec is not None and rec.dtype != p.get("dtype", rec.dtype):
-                    problems.append(Problem(
-                        f"Weight {p['name']} is {rec.dtype} but the library expects "
-                        f"{p['dtype']}.", rebuild))
-                    break
     if meta.get("vocab_size") != chat.vocab_size:
         problems.append(Problem(f"The library's vocabulary is {meta.get('vocab_size')} tokens "
                                 f"but mlc-chat-config.json says {chat.vocab_size}.", rebuild))

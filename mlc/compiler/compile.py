@@ -70,9 +70,10 @@ def model_config_for(chat: ChatConfig, overrides: dict[str, int]):
     return get_model(chat.model_type).config_from_dict(data)
 
 
-def build_pipeline(dev: DeviceTarget, opt: str, sliding_window: int = 0):
+def build_pipeline(dev: DeviceTarget, opt: str, sliding_window: int = 0, last_phase: int = 5):
     """All passes from the exported IRModule to VM-ready code, in phases. `sliding_window` is
-    the layer window the model's KV cache was built with (`kv_cache_window`)."""
+    the layer window the model's KV cache was built with (`kv_cache_window`); `last_phase`
+    stops earlier (4: the scheduled TIR, for inspection)."""
     import tvm
     from tvm import relax
 
@@ -104,7 +105,7 @@ def build_pipeline(dev: DeviceTarget, opt: str, sliding_window: int = 0):
     @tvm.transform.module_pass(opt_level=0, name="mlc_pipeline")
     def _pipeline(mod, _ctx):
         with target:
-            for i, phase in enumerate(phases):
+            for i, phase in enumerate(phases[:last_phase]):
                 mod = tvm.transform.Sequential(phase)(mod)
                 if dump:
                     Path(dump).mkdir(parents=True, exist_ok=True)
@@ -233,14 +234,42 @@ def compile_model(model_dir: str | Path, device: str, output: str | Path,
     return CompileResult(path, dev.device, seconds, metadata)
 
 
+def compute_quantization(quantization, dev: DeviceTarget):
+    """The scheme a library computes in: the stored one, except that a CPU library of a
+    float16 group-quantized model (q4f16_1) computes in float32. x86 CPUs have no float16
+    arithmetic LLVM uses for these kernels (F16C only converts), so every float16 operation
+    becomes convert, operate, round: decode ran 2.7x slower than q4f32_1 (bench/NOTES.md).
+    The float32 library takes float32 scales and norms, which the loader widens once from
+    the file's float16 (`mlc.runtime.model.WIDENED_AT_LOAD`): the files stay MLC-LLM's, and
+    the kernels are q4f32_1's. GPU libraries keep float16."""
+    import dataclasses
+
+    if dev.kind == "cpu" and quantization.is_quantized and quantization.model_dtype == "float16":
+        return dataclasses.replace(quantization, model_dtype="float32")
+    return quantization
+
+
 def build_library(info, config, chat, quantization, dev: DeviceTarget, opt: str):
     """Export the nn.Module, run the pipeline, build. Returns (executable, metadata)."""
     import tvm
     from tvm import relax
 
+    from mlc.models.common import kv_cache_window
+
+    mod, metadata = export_module(info, config, chat, quantization, dev, opt)
+    cuda_graphs = dev.kind == "cuda" and opt in ("O2", "O3")
+    pipeline = build_pipeline(dev, opt, kv_cache_window(config.sliding_window_size))
+    with tvm.transform.PassContext(config={"relax.backend.use_cuda_graph": cuda_graphs}):
+        ex = relax.build(mod, dev.tvm_target(), relax_pipeline=pipeline)
+    return ex, metadata
+
+
+def export_module(info, config, chat, quantization, dev: DeviceTarget, opt: str):
+    """The model's Relax IRModule as the pipeline takes it, and the library's metadata."""
     from mlc.compiler import cuda_support
     from mlc.models.layers import extern_cuda_kernels
 
+    quantization = compute_quantization(quantization, dev)
     target = dev.tvm_target()
     model = info.build(config, quantization)
     names = cuda_support.kernel_function if cuda_support.cuda_kernels_enabled(dev) else None
@@ -255,15 +284,9 @@ def build_library(info, config, chat, quantization, dev: DeviceTarget, opt: str)
         mod = cuda_attention.use_mlc_attention()(mod)
     # CUDA graphs: RewriteCUDAGraph captures the static-shape regions (batch-1 decode) so a
     # token costs a few graph launches per layer instead of ~15 kernel launches.
-    cuda_graphs = dev.kind == "cuda" and opt in ("O2", "O3")
-    if cuda_graphs:
+    if dev.kind == "cuda" and opt in ("O2", "O3"):
         mod = _capture_batch_decode(mod)
-    from mlc.models.common import kv_cache_window
-
-    pipeline = build_pipeline(dev, opt, kv_cache_window(config.sliding_window_size))
-    with tvm.transform.PassContext(config={"relax.backend.use_cuda_graph": cuda_graphs}):
-        ex = relax.build(mod, target, relax_pipeline=pipeline)
-    return ex, metadata
+    return mod, metadata
 
 
 def _uses_mlc_attention(dev: DeviceTarget, config, quantization) -> bool:

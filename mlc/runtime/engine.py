@@ -62,6 +62,7 @@ from mlc.runtime.tool_calls import (
     parse_tool_calls,
 )
 from mlc.runtime.tracing import Tracer
+from mlc.support.memory import release_free_memory
 from mlc.support.tensor_cache import numpy_dtype
 
 logger = logging.getLogger(__name__)
@@ -206,6 +207,7 @@ class _EngineBase:
                            self.model_dir, self.model.lib_path, self.model.device_kind,
                            time.perf_counter() - t0, self.sampling_path, plan.describe())
         self.tokenizer = _load_tokenizer(self.model_dir)
+        release_free_memory()       # what loading freed (tokenizer JSON, weight reads)
         self.tracer = Tracer(enabled=enable_tracing)
         sampler = DeviceSampler(self.model) if self.sampling_path == "device" else HostSampler()
         self._core = EngineCore(self.model, self.limits, sampler, self.tracer, self.model_id,

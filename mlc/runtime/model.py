@@ -32,7 +32,7 @@ REQUIRED_FUNCTIONS = ("embed", "prefill", "decode", "batch_prefill", "batch_deco
 HIDDEN_STATE_FUNCTIONS = ("batch_prefill_to_last_hidden_states",
                           "batch_decode_to_last_hidden_states",
                           "batch_verify_to_last_hidden_states", "get_logits")
-# Every position's final (normed) hidden state, for embeddings (libraries before lib-4 lack it).
+# Every position's final (normed) hidden state, for embeddings (libraries before lib-5 lack it).
 EMBEDDING_HIDDEN_FUNCTION = "batch_prefill_hidden_states"
 
 SAMPLING_FUNCTIONS = ("softmax_with_temperature", "sample_with_top_p_top_k", "argmax",
@@ -85,6 +85,18 @@ def _load_module(lib_path: str | Path):
             param="model_lib") from e
 
 
+# (stored dtype, library dtype) pairs the loader converts once at load. A CPU library of a
+# float16 group-quantized model (q4f16_1) computes in float32 (see
+# `mlc.compiler.compile.compute_quantization`): its scales and norms are widened here, so
+# the weight files stay MLC-LLM's.
+WIDENED_AT_LOAD = {("float16", "float32"), ("bfloat16", "float32")}
+
+
+def loads_as(stored: str, expected: str) -> bool:
+    """Whether a tensor stored as `stored` can feed a library parameter of `expected`."""
+    return stored == expected or (stored, expected) in WIDENED_AT_LOAD
+
+
 def check_library_matches(metadata: dict, chat: ChatConfig, cache: TensorCache) -> None:
     """Refuse a library built for other weights, naming what differs and the fix."""
     problems = []
@@ -98,6 +110,9 @@ def check_library_matches(metadata: dict, chat: ChatConfig, cache: TensorCache) 
             problems.append(f"weights lack {p['name']}")
         elif list(rec.shape) != list(p["shape"]):
             problems.append(f"{p['name']} shape {list(rec.shape)} != {p['shape']}")
+        elif not loads_as(rec.dtype, p.get("dtype", rec.dtype)):
+            problems.append(f"weight {p['name']} is {rec.dtype} but the library expects "
+                            f"{p['dtype']}")
         if len(problems) > 5:
             break
     # e.g. a tied-embedding library with untied weights would silently ignore lm_head
@@ -141,6 +156,14 @@ def random_param(spec: dict, seed: int = 0) -> np.ndarray:
     return np.resize(block, count).reshape(shape)
 
 
+def _param_array(cache: TensorCache, spec: dict) -> np.ndarray:
+    """A weight as the library takes it: read, and widened when the library computes in a
+    wider dtype than the file stores (`WIDENED_AT_LOAD`)."""
+    array = cache.get(spec["name"])
+    dtype = spec.get("dtype", str(array.dtype))
+    return array if str(array.dtype) == dtype else array.astype(dtype)
+
+
 class LoadedModel:
     """Weights on a device plus the library's functions and one paged KV cache."""
 
@@ -163,7 +186,7 @@ class LoadedModel:
         else:
             cache = TensorCache(self.model_dir)
             check_library_matches(self.metadata, self.chat_config, cache)
-            self.params = [tvm.runtime.tensor(cache.get(p["name"]), self.device)
+            self.params = [tvm.runtime.tensor(_param_array(cache, p), self.device)
                            for p in self.metadata["params"]]
         self.hidden_size = self.metadata["hidden_size"]
         self.vocab_size = self.metadata["vocab_size"]

@@ -117,7 +117,7 @@ def test_hidden_states_for_embeddings(case):
     chunks, against transformers' last hidden states; pooled vectors nearly parallel."""
     name, quant, model, hf, _ = case
     if not model.has_hidden_states:
-        pytest.skip("the assets' libraries predate batch_prefill_hidden_states (lib-4): "
+        pytest.skip("the assets' libraries predate batch_prefill_hidden_states (lib-5): "
                     "rebuild them with tests/gpu/arch_assets.py")
     import torch
 
