@@ -9,10 +9,15 @@ from __future__ import annotations
 
 import pytest
 from helpers import tiny_llama_library
-from test_engine import LONG_PROMPT, OTHER_PROMPTS, assert_idle_and_freed, stream_text
+from test_engine import (
+    LONG_PROMPT,
+    OTHER_PROMPTS,
+    assert_idle_and_freed,
+    make_engine,
+    stream_text,
+)
 
 from mlc.errors import ModelLoadError
-from mlc.runtime.engine import MLCEngine
 
 SYSTEM = LONG_PROMPT[:150]     # a shared system prompt (~75 tokens)
 
@@ -21,11 +26,6 @@ SYSTEM = LONG_PROMPT[:150]     # a shared system prompt (~75 tokens)
 def tiny(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tiny-prefix")
     return tiny_llama_library(tmp)
-
-
-def make_engine(tiny, **kwargs) -> MLCEngine:
-    _, mlc_dir, lib = tiny
-    return MLCEngine(str(mlc_dir), "cpu", model_lib=str(lib), **kwargs)
 
 
 @pytest.fixture(scope="module")

@@ -19,10 +19,9 @@ from helpers import (
     write_mlc_dir,
     write_tiny_tokenizer,
 )
-from test_engine import LONG_PROMPT, OTHER_PROMPTS, assert_idle_and_freed
+from test_engine import LONG_PROMPT, OTHER_PROMPTS, assert_idle_and_freed, make_engine
 
 from mlc.errors import ModelLoadError
-from mlc.runtime.engine import MLCEngine
 from mlc.runtime.generation_config import GenerationConfig
 from mlc.runtime.output_processor import OutputProcessor
 from mlc.runtime.request import EngineLimits, Request, Sequence
@@ -84,11 +83,6 @@ def test_verify_acceptance_keeps_the_targets_distribution(tmp_path):
 def tiny(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tiny-spec")
     return tiny_llama_library(tmp)
-
-
-def make_engine(tiny, **kwargs) -> MLCEngine:
-    _, mlc_dir, lib = tiny
-    return MLCEngine(str(mlc_dir), "cpu", model_lib=str(lib), **kwargs)
 
 
 @pytest.fixture(scope="module")
