@@ -628,11 +628,12 @@ def test_cuda_library_carries_a_cubin_of_tvm_kernels(tiny, tmp_path):
     compiled them at every load): the library now carries their cubin, under the digest of
     exactly the source the runtime's compile callback will be handed."""
     from mlc.compiler import cuda_support
-    from mlc.compiler.compile import ChatConfig, _export_atomically, build_library, model_config_for
+    from mlc.compiler.compile import ChatConfig, build_library, model_config_for, write_library
     from mlc.compiler.quantization import get_quantization
     from mlc.compiler.target import parse_device
     from mlc.models.registry import get_model
     from mlc.runtime import device as rt_device
+    from mlc.support.cuda_arch import precompiled_cubin_key
 
     if not cuda_support.kernels_available():
         pytest.skip("nvcc / the static CUDA runtime not found")
@@ -643,12 +644,12 @@ def test_cuda_library_carries_a_cubin_of_tvm_kernels(tiny, tmp_path):
                           get_quantization(chat.quantization), dev, "O2")
     source = cuda_support.tvm_cuda_source(ex)
     assert source and "__global__" in source
-    lib = _export_atomically(ex, tmp_path / "lib.so", dev)
-    rt_device._PRECOMPILED_CUBINS.clear()
+    lib = write_library(ex, tmp_path / "lib.so", dev)
+    key = precompiled_cubin_key("sm_90a", source)
+    assert key.startswith("sm_90a:") and rt_device.precompiled_cubin(key) is None
     assert rt_device.register_library_cubins(lib)
-    key = f"sm_90a:{cuda_support.cuda_source_digest(source)}"
-    assert list(rt_device._PRECOMPILED_CUBINS) == [key]
-    cubin = rt_device._PRECOMPILED_CUBINS[key]
+    cubin = rt_device.precompiled_cubin(key)
+    assert cubin is not None
     assert cubin[:4] == b"\x7fELF" and len(cubin) > 10_000
     # every kernel TVM generated is in the cubin's symbol table
     names = re.findall(r"__global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\(", source)

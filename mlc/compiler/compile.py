@@ -228,7 +228,7 @@ def compile_model(model_dir: str | Path, device: str, output: str | Path,
             f"{str(e).strip().splitlines()[-1][:500]}. Re-run with MLC_DUMP_IR=DIR to see the IR "
             f"after each phase, or try --opt O0.") from e
     ex, metadata = lib
-    path = _export_atomically(ex, Path(output), dev)
+    path = write_library(ex, Path(output), dev)
     seconds = time.perf_counter() - start
     _say(quiet, f"wrote {path} in {seconds:.1f} s")
     return CompileResult(path, dev.device, seconds, metadata)
@@ -311,7 +311,9 @@ def _check_output_form(dev: DeviceTarget, output: Path) -> None:
         "WGSL shaders, or install emscripten (emsdk) and use -o NAME.wasm.", param="output")
 
 
-def _export_atomically(ex, output: Path, dev: DeviceTarget) -> Path:
+def write_library(ex, output: Path, dev: DeviceTarget) -> Path:
+    """Export a built executable as `output` (atomically), with mlc's CUDA kernels and the
+    cubin of TVM's own kernels linked in for a CUDA target."""
     output = output.resolve()
     output.parent.mkdir(parents=True, exist_ok=True)
     # export_library picks the linker by suffix (.so: cc, .tar: tar, .wasm: emscripten)

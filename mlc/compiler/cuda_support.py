@@ -29,6 +29,7 @@ from pathlib import Path
 
 from mlc.compiler.target import DeviceTarget
 from mlc.errors import CompileError
+from mlc.support.cuda_arch import precompiled_cubin_key
 from mlc.support.paths import cache_root
 
 KERNEL_DIR = Path(__file__).with_name("cuda_kernels")
@@ -137,11 +138,6 @@ def cudart_static(nvcc: str) -> Path:
     raise CompileError(f"libcudart_static.a not found under {root}; set CUDA_PATH.")
 
 
-def cuda_source_digest(code: str) -> str:
-    """The key a library's precompiled cubin is stored and looked up under."""
-    return hashlib.sha256(code.encode()).hexdigest()[:32]
-
-
 def tvm_cuda_source(ex) -> str | None:
     """The CUDA source of TVM's generated kernels inside a built executable, if any."""
     pending = [ex.mod]
@@ -163,8 +159,9 @@ def tvm_kernels_object(ex, dev: DeviceTarget, cache_dir: Path) -> Path | None:
     from tvm.support import nvcc as tvm_nvcc
 
     arch = dev.target["arch"]
-    key = cuda_source_digest(code)
-    cubin = cache_dir / f"tvm-{arch}-{key}.cubin"
+    key = precompiled_cubin_key(arch, code)
+    stem = f"tvm-{key.replace(':', '-')}"
+    cubin = cache_dir / f"{stem}.cubin"
     if not cubin.exists():
         cache_dir.mkdir(parents=True, exist_ok=True)
         os.environ.setdefault("CUDA_PATH", str(_cuda_root(nvcc_path())))
@@ -174,14 +171,14 @@ def tvm_kernels_object(ex, dev: DeviceTarget, cache_dir: Path) -> Path | None:
         tmp = cubin.with_name(f"{cubin.name}.{os.getpid()}.tmp")
         tmp.write_bytes(bytes(data))
         os.replace(tmp, cubin)
-    obj = cache_dir / f"tvm-{arch}-{key}.o"
+    obj = cache_dir / f"{stem}.o"
     if not obj.exists():
-        asm = cache_dir / f"tvm-{arch}-{key}.S"
+        asm = cache_dir / f"{stem}.S"
         # .incbin keeps the (megabytes of) cubin out of a C array the compiler would parse
         asm.write_text(
             '\t.section .rodata\n\t.balign 64\n'
             '\t.globl mlc_tvm_cubin_key\nmlc_tvm_cubin_key:\n'
-            f'\t.asciz "{arch}:{key}"\n\t.balign 64\n'
+            f'\t.asciz "{key}"\n\t.balign 64\n'
             '\t.globl mlc_tvm_cubin_begin\nmlc_tvm_cubin_begin:\n'
             f'\t.incbin "{cubin}"\n'
             '\t.globl mlc_tvm_cubin_end\nmlc_tvm_cubin_end:\n'

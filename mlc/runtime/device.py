@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 from mlc.errors import ModelLoadError
-from mlc.support.cuda_arch import arch_for_compute_capability
+from mlc.support.cuda_arch import arch_for_compute_capability, precompiled_cubin_key
 
 # TVM's CPU thread pool assumes hyper-threading and starts half of the cores (one on a 2-core
 # machine) unless told; mlc's CPU kernels are written for all of them.
@@ -100,7 +100,7 @@ def nvrtc_version() -> str | None:
     return f"{major}.{minor}" if err == nvrtc.nvrtcResult.NVRTC_SUCCESS else None
 
 
-# Cubins that libraries carry for TVM's kernels, by "arch:source digest" (see
+# Cubins that libraries carry for TVM's kernels, by `precompiled_cubin_key` (see
 # mlc.compiler.cuda_support.tvm_kernels_object), and what loading CUDA code has cost so far.
 _PRECOMPILED_CUBINS: dict[str, bytes] = {}
 CUDA_LOAD_STATS = {"compiled": 0, "compile_seconds": 0.0, "precompiled": 0}
@@ -121,16 +121,15 @@ def register_library_cubins(lib_path: str | Path) -> bool:
     return True
 
 
+def precompiled_cubin(key: str) -> bytes | None:
+    """The cubin registered under `key` (`precompiled_cubin_key`), if a loaded library had one."""
+    return _PRECOMPILED_CUBINS.get(key)
+
+
 def prepare_library(lib_path: str | Path) -> None:
     """Before TVM loads a library: in a process that runs CUDA, take the cubin it carries."""
     if _register_cuda_compile_callback.cache_info().currsize:
         register_library_cubins(lib_path)
-
-
-def _source_digest(code: str) -> str:
-    import hashlib
-
-    return hashlib.sha256(code.encode()).hexdigest()[:32]    # as cuda_support keys it
 
 
 @functools.lru_cache(maxsize=None)
@@ -148,7 +147,7 @@ def _register_cuda_compile_callback() -> None:
     arch = arch_for_compute_capability(tvm.cuda(0).compute_version)
 
     def compile_cuda(code, *_args):
-        cubin = _PRECOMPILED_CUBINS.get(f"{arch}:{_source_digest(code)}")
+        cubin = precompiled_cubin(precompiled_cubin_key(arch, code))
         if cubin is not None:
             CUDA_LOAD_STATS["precompiled"] += 1
             return bytearray(cubin)
